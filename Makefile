@@ -1,0 +1,48 @@
+# Set-up and entry points. `make demo` and `make test` work on a fresh machine: they create .venv when missing,
+# install the project with the right extras, make torchvision import on CPU-only machines, then run.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+REA2SEG := $(VENV)/bin/rea2seg
+# GPU nodes get CUDA torch + vLLM; everything else the CPU build of both.
+EXTRAS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),gpu,cpu),train,dev
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast lint format tiny-models clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/fix_torchvision_cpu.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PY) scripts/fix_torchvision_cpu.py
+	@touch $@
+
+tiny-models: setup
+	$(REA2SEG) build-tiny-models
+
+demo: tiny-models
+	$(REA2SEG) make-scenes --config configs/make-scenes.yaml output=outputs/demo/scenes
+	@echo "demo data: outputs/demo/scenes (the segmentation job, rea2seg segment, comes with issue D)"
+
+test: setup
+	$(VENV)/bin/ruff check rea2seg_ray tests scripts
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check rea2seg_ray tests scripts
+	$(VENV)/bin/ruff format --check rea2seg_ray tests scripts
+
+format: setup
+	$(VENV)/bin/ruff format rea2seg_ray tests scripts
+	$(VENV)/bin/ruff check --fix rea2seg_ray tests scripts
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

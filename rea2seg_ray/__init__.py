@@ -1,0 +1,1 @@
+"""Rea2Seg on Ray."""

@@ -1,0 +1,140 @@
+"""Structured configs (OmegaConf dataclasses) for every stage, and one loader: defaults <- YAML <- key=value overrides.
+
+A run is described only by a named config plus overrides; unknown keys are an error that names the key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+T = TypeVar("T")
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key or file."""
+
+
+def default_cache_dir() -> str:
+    """Where tiny models and downloaded checkpoints live: ``$REA2SEG_CACHE`` or ``~/.cache/rea2seg``."""
+    return os.environ.get("REA2SEG_CACHE") or str(Path.home() / ".cache" / "rea2seg")
+
+
+@dataclass
+class ModelsConfig:
+    """Model specs: a preset name (``MODEL_PRESETS``), a local folder or file, or an ``s3://`` prefix."""
+
+    discovery: str = "tiny-qwen2-vl"
+    sam: str = "tiny-sam"
+    scorer: str = "tiny-qwen2-vl"
+    cache_dir: str = ""  # empty: default_cache_dir()
+    # Hub ids (org/name) are refused unless this is set: runs must not fetch weights behind the user's back.
+    allow_hub: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Where queries come from."""
+
+    input: str = (
+        ""  # manifest (.jsonl/.json/.parquet), ReasonSeg folder; local or s3://. Empty: bundled scenes.
+    )
+    format: str = "auto"  # auto | jsonl | parquet | reasonseg
+    texts: str = "first"  # ReasonSeg `text` lists: "first" query per image, or "all" (one query per text)
+    limit: int = 0  # 0: all
+
+
+@dataclass
+class BuildTinyModelsConfig:
+    output: str = ""  # empty: <cache>/tiny
+    seed: int = 0
+    force: bool = False
+
+
+@dataclass
+class MakeScenesConfig:
+    output: str = MISSING
+    n: int = 32
+    seed: int = 0
+    width: int = 320
+    height: int = 240
+    categories: list[str] = field(
+        default_factory=lambda: ["discriminative", "geometric", "spatial", "multi-step"]
+    )
+    name: str = "scenes"  # manifest file name stem
+
+
+@dataclass
+class EvaluateConfig:
+    predictions: str = MISSING  # Parquet file or folder (local or s3://)
+    dataset: str = MISSING  # ReasonSeg folder or manifest with ground truth
+    output: str = MISSING  # folder for metrics.json and report.md
+    format: str = "auto"
+    texts: str = "first"
+    k: int = 3
+    title: str = "Rea2Seg"
+
+
+COMMAND_CONFIGS: dict[str, type] = {
+    "build-tiny-models": BuildTinyModelsConfig,
+    "make-scenes": MakeScenesConfig,
+    "evaluate": EvaluateConfig,
+}
+
+
+def _fmt_error(e: Exception, source: str) -> str:
+    key = getattr(e, "full_key", None) or getattr(e, "key", None)
+    msg = str(e).splitlines()[0]
+    if isinstance(e, ConfigKeyError | ConfigAttributeError) and key:
+        return f"unknown config key '{key}' ({source}): {msg}"
+    if key:
+        return f"bad value for config key '{key}' ({source}): {msg}"
+    return f"{source}: {msg}"
+
+
+def load_config(
+    schema: type[T], config_file: str | os.PathLike | None = None, overrides: list[str] | None = None
+) -> T:
+    """Build a config: dataclass defaults, then ``config_file`` (YAML), then ``key=value`` overrides (dotlist).
+
+    Returns a typed object (the dataclass instance). Raises ConfigError naming the offending key or file.
+    """
+    cfg: DictConfig = OmegaConf.structured(schema)
+    if config_file:
+        path = Path(config_file)
+        if not path.exists() and (CONFIG_DIR / path).exists():
+            path = CONFIG_DIR / path
+        if not path.exists():
+            raise ConfigError(f"config file not found: {config_file}")
+        try:
+            file_cfg = OmegaConf.load(path)
+        except Exception as e:  # yaml errors carry line numbers
+            raise ConfigError(f"cannot parse config file {path}: {e}") from e
+        try:
+            cfg = OmegaConf.merge(cfg, file_cfg)
+        except (ConfigKeyError, ConfigAttributeError, ValidationError) as e:
+            raise ConfigError(_fmt_error(e, f"in {path}")) from e
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except (ConfigKeyError, ConfigAttributeError, ValidationError) as e:
+            raise ConfigError(_fmt_error(e, f"override '{item}'")) from e
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"missing required config key(s): {', '.join(missing)} (pass e.g. {missing[0]}=...)"
+        )
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

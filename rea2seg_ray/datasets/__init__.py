@@ -1,0 +1,86 @@
+"""Dataset readers: manifests (JSONL/JSON/Parquet), ReasonSeg folders (LISA format), synthetic scenes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .. import storage
+from ..masks import decode_rle
+from ..records import Query
+from .manifest import iter_manifest
+from .reasonseg import DatasetError, gt_mask_from_annotation, iter_reasonseg, load_annotation
+
+SAMPLE_SCENES = Path(__file__).resolve().parent.parent / "sample_data" / "scenes"
+
+__all__ = [
+    "DatasetError",
+    "SAMPLE_SCENES",
+    "detect_format",
+    "iter_manifest",
+    "iter_reasonseg",
+    "load_ground_truth",
+    "read_queries",
+]
+
+
+def detect_format(uri: str) -> str:
+    lower = uri.lower().rstrip("/")
+    if lower.endswith((".jsonl", ".json", ".ndjson")):
+        return "jsonl"
+    if lower.endswith(".parquet"):
+        return "parquet"
+    if storage.is_dir(uri):
+        return "reasonseg"
+    raise DatasetError(
+        f"{uri}: cannot tell the dataset format (use a .jsonl/.parquet manifest or a ReasonSeg folder)"
+    )
+
+
+def read_queries(
+    uri: str, format: str = "auto", texts: str = "first", limit: int = 0, strict: bool = True
+) -> Iterator[Query]:
+    """All queries of a dataset. ``format``: auto | jsonl | parquet | reasonseg."""
+    fmt = detect_format(uri) if format == "auto" else format
+    if fmt in ("jsonl", "json", "parquet"):
+        it = iter_manifest(uri, strict=strict)
+    elif fmt == "reasonseg":
+        it = iter_reasonseg(uri, texts=texts, strict=strict)
+    else:
+        raise DatasetError(f"unknown dataset format {format!r} (auto, jsonl, parquet, reasonseg)")
+    for n, q in enumerate(it):
+        if limit and n >= limit:
+            return
+        yield q
+
+
+def image_size(uri: str) -> tuple[int, int]:
+    """(height, width) of an image, reading only what PIL needs to know the size."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    try:
+        raw = storage.read_bytes(uri)
+    except FileNotFoundError as e:
+        raise DatasetError(f"{uri}: image not found") from e
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            # LISA reads images with cv2, which applies EXIF orientation; so does our decode stage.
+            w, h = ImageOps.exif_transpose(im).size if im.getexif().get(0x0112, 1) != 1 else im.size
+    except Exception as e:
+        raise DatasetError(f"{uri}: not a readable image: {e}") from e
+    return h, w
+
+
+def load_ground_truth(q: Query) -> np.ndarray | None:
+    """(H, W) uint8 ground truth {0, 1, 255} for a query, or None when it has none."""
+    if q.gt_mask:
+        return decode_rle(q.gt_mask).astype(np.uint8)
+    if q.gt_json:
+        anno = load_annotation(q.gt_json)
+        h, w = image_size(q.image)
+        return gt_mask_from_annotation(anno, h, w)
+    return None

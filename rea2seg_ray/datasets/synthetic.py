@@ -1,0 +1,311 @@
+"""Deterministic synthetic scenes with exact ground truth and ReasonSeg-SGDR-style questions.
+
+Each scene holds 3-6 shapes (circle, square, triangle, ellipse, star, hexagon, diamond, bar) in named colours and
+sizes; some overlap (occluded), some are thin bars, some are low-contrast grey. One target is chosen and asked
+for by a templated question in one of four categories: discriminative (colour + shape), geometric (size and form
+extremes), spatial (position and relations) and multi-step (two facts combined).
+
+Output is a ReasonSeg folder (``<id>.jpg`` + ``<id>.json`` in LISA's format, the target's visible region as
+polygons) plus a manifest (``<name>.jsonl``) whose rows also carry ``gt_mask`` (RLE) and ``candidates`` (every
+object's visible mask, for the ``given`` discovery source). The generator checks that LISA's loader reproduces the
+visible region from the JSON exactly, and resamples a scene when it would not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from ..masks import _draw_polygon, encode_rle, shapes_to_mask
+
+CATEGORIES = ("discriminative", "geometric", "spatial", "multi-step")
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 40, 40),
+    "green": (40, 165, 60),
+    "blue": (40, 80, 215),
+    "yellow": (235, 205, 40),
+    "purple": (140, 60, 185),
+    "orange": (240, 135, 30),
+    "white": (240, 240, 240),
+    "black": (25, 25, 25),
+}
+LOW_CONTRAST = "grey"  # drawn close to the background
+SHAPES = ("circle", "square", "triangle", "ellipse", "star", "hexagon", "diamond", "bar")
+BACKGROUND = np.array([128, 128, 128], dtype=np.float64)
+
+
+@dataclass
+class SceneObject:
+    shape: str
+    colour: str
+    rgb: tuple[int, int, int]
+    points: list[list[float]]  # polygon as drawn (vertices truncated to int32 by the rasteriser)
+    full_area: int = 0
+    visible: np.ndarray | None = None  # (H, W) bool, after occlusion
+
+    @property
+    def area(self) -> int:
+        return int(self.visible.sum()) if self.visible is not None else 0
+
+    def centroid(self) -> tuple[float, float]:
+        ys, xs = np.nonzero(self.visible)
+        return float(xs.mean()), float(ys.mean())
+
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+
+def _polygon(
+    shape: str, cx: float, cy: float, r: float, angle: float, rng: np.random.Generator
+) -> np.ndarray:
+    def regular(n: int, rot: float, rx: float = r, ry: float = r) -> np.ndarray:
+        t = rot + np.arange(n) * 2 * np.pi / n
+        return np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], axis=1)
+
+    if shape == "circle":
+        return regular(48, 0.0)
+    if shape == "ellipse":
+        pts = regular(48, 0.0, r, r * 0.55)
+    elif shape == "square":
+        pts = regular(4, np.pi / 4, r * 0.9, r * 0.9)
+    elif shape == "triangle":
+        pts = regular(3, -np.pi / 2)
+    elif shape == "hexagon":
+        pts = regular(6, 0.0)
+    elif shape == "diamond":
+        pts = regular(4, 0.0, r * 0.7, r)
+        return pts
+    elif shape == "star":
+        t = -np.pi / 2 + np.arange(10) * np.pi / 5
+        rad = np.where(np.arange(10) % 2 == 0, r, r * 0.45)
+        pts = np.stack([cx + rad * np.cos(t), cy + rad * np.sin(t)], axis=1)
+    elif shape == "bar":
+        half_w = max(1.5, r * rng.uniform(0.06, 0.12))
+        pts = np.array(
+            [[cx - r, cy - half_w], [cx + r, cy - half_w], [cx + r, cy + half_w], [cx - r, cy + half_w]]
+        )
+    else:
+        raise ValueError(f"unknown shape {shape}")
+    c, s = math.cos(angle), math.sin(angle)
+    d = pts - [cx, cy]
+    return np.stack([cx + d[:, 0] * c - d[:, 1] * s, cy + d[:, 0] * s + d[:, 1] * c], axis=1)
+
+
+def _sample_objects(rng: np.random.Generator, width: int, height: int) -> list[SceneObject] | None:
+    n = int(rng.integers(3, 7))
+    base = min(width, height)
+    objs: list[SceneObject] = []
+    label = np.zeros((height, width), dtype=np.uint8)
+    for k in range(n):
+        shape = str(rng.choice(SHAPES))
+        if rng.random() < 0.12:
+            colour, rgb = (
+                LOW_CONTRAST,
+                tuple(int(v) for v in BACKGROUND + rng.choice([-1, 1]) * rng.uniform(28, 40)),
+            )
+        else:
+            colour = str(rng.choice(list(COLOURS)))
+            rgb = COLOURS[colour]
+        r = base * rng.uniform(0.07, 0.2)
+        margin = r + 2
+        cx = rng.uniform(margin, width - margin)
+        cy = rng.uniform(margin, height - margin)
+        pts = np.round(_polygon(shape, cx, cy, r, float(rng.uniform(0, np.pi)), rng), 2)
+        pts[:, 0] = np.clip(pts[:, 0], 0, width - 1)
+        pts[:, 1] = np.clip(pts[:, 1], 0, height - 1)
+        tmp = np.zeros_like(label)
+        _draw_polygon(tmp, pts.tolist(), 1)
+        # Occlusion is allowed but bounded: reject a new shape that would hide most of an earlier one.
+        objs.append(SceneObject(shape, colour, rgb, pts.tolist(), full_area=int(tmp.sum())))
+        _draw_polygon(label, pts.tolist(), k + 1)
+    for k, o in enumerate(objs):
+        o.visible = label == k + 1
+        if o.area < 40 or o.area < 0.45 * o.full_area:
+            return None
+        if cv2.connectedComponents(o.visible.astype(np.uint8), connectivity=8)[0] - 1 != 1:
+            return None  # split in two by an occluder: ambiguous to describe
+    return objs
+
+
+def _unique(objs: list[SceneObject], key) -> list[int]:
+    counts: dict = {}
+    for o in objs:
+        counts[key(o)] = counts.get(key(o), 0) + 1
+    return [i for i, o in enumerate(objs) if counts[key(o)] == 1]
+
+
+def _extreme(values: list[float], largest: bool, margin: float) -> int | None:
+    """Index of a clear extreme: beats the runner-up by ``margin`` (relative for areas, absolute px for positions)."""
+    if len(values) < 2:
+        return None
+    order = np.argsort(values)
+    best, second = (order[-1], order[-2]) if largest else (order[0], order[1])
+    gap = abs(values[best] - values[second])
+    return int(best) if gap >= margin else None
+
+
+def _question(
+    category: str, objs: list[SceneObject], rng: np.random.Generator, width: int
+) -> tuple[int, str] | None:
+    uniq_cs = _unique(objs, lambda o: (o.colour, o.shape))
+    areas = [float(o.area) for o in objs]
+    cents = [o.centroid() for o in objs]
+    if category == "discriminative":
+        if not uniq_cs:
+            return None
+        t = int(rng.choice(uniq_cs))
+        tmpl = rng.choice(
+            [
+                "Segment the {n}.",
+                "Which object is the {n}?",
+                "Find the {n} in this picture.",
+                "Where is the {n}?",
+            ]
+        )
+        return t, str(tmpl).format(n=objs[t].name())
+    if category == "geometric":
+        kinds = ["largest", "smallest", "thinnest"]
+        for kind in rng.permutation(kinds):
+            if kind in ("largest", "smallest"):
+                t = _extreme(areas, kind == "largest", margin=0.25 * max(areas))
+                if t is not None:
+                    return (
+                        t,
+                        f"Which object covers the {'most' if kind == 'largest' else 'least'} area in the image?"
+                        if rng.random() < 0.5
+                        else f"Segment the {kind} object.",
+                    )
+            else:
+                bars = [i for i, o in enumerate(objs) if o.shape == "bar"]
+                if len(bars) == 1:
+                    return bars[0], "Segment the long thin object."
+        return None
+    if category == "spatial":
+        xs = [c[0] for c in cents]
+        ys = [c[1] for c in cents]
+        options = [
+            ("leftmost", xs, False),
+            ("rightmost", xs, True),
+            ("topmost", ys, False),
+            ("lowest", ys, True),
+        ]
+        for idx in rng.permutation(len(options)):
+            word, vals, largest = options[idx]
+            t = _extreme(vals, largest, margin=0.06 * width)
+            if t is not None:
+                return (
+                    t,
+                    f"Segment the {word} object in the scene."
+                    if rng.random() < 0.5
+                    else f"Which shape is {word}?",
+                )
+        return None
+    if category == "multi-step":
+        # "same colour as the X but a different shape" / "the object nearest to the X"
+        for ref in rng.permutation(uniq_cs).tolist() if uniq_cs else []:
+            ro = objs[ref]
+            same = [
+                i for i, o in enumerate(objs) if i != ref and o.colour == ro.colour and o.shape != ro.shape
+            ]
+            if len(same) == 1 and ro.colour != LOW_CONTRAST:
+                return same[
+                    0
+                ], f"Find the object with the same colour as the {ro.name()} that is not a {ro.shape}."
+            dists = [math.dist(cents[ref], c) if i != ref else float("inf") for i, c in enumerate(cents)]
+            order = np.argsort(dists)
+            if len(objs) > 2 and dists[order[1]] - dists[order[0]] > 0.08 * width:
+                return int(order[0]), f"First find the {ro.name()}; then segment the object closest to it."
+        return None
+    raise ValueError(f"unknown category {category!r} (choose from {', '.join(CATEGORIES)})")
+
+
+def _render(objs: list[SceneObject], width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    grad = (xx / width - 0.5) * rng.uniform(-20, 20) + (yy / height - 0.5) * rng.uniform(-20, 20)
+    img = BACKGROUND[None, None, :] + grad[..., None]
+    for o in objs:
+        img[o.visible] = o.rgb
+    img += rng.normal(0, 6, size=img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _target_shapes(target: SceneObject) -> list[dict]:
+    tmp = np.zeros(target.visible.shape, dtype=np.uint8)
+    _draw_polygon(tmp, target.points, 1)
+    if np.array_equal(tmp.astype(bool), target.visible):
+        return [{"label": "target", "points": target.points, "shape_type": "polygon"}]
+    contours, _ = cv2.findContours(target.visible.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    return [
+        {"label": "target", "points": c.reshape(-1, 2).astype(float).tolist(), "shape_type": "polygon"}
+        for c in contours
+        if len(c) >= 3
+    ]
+
+
+def make_scene(index: int, category: str, seed: int = 0, width: int = 320, height: int = 240) -> dict:
+    """One scene: {image (H, W, 3) uint8, annotation (LISA dict), objects, target, gt (H, W) uint8}. Deterministic."""
+    rng = np.random.default_rng([seed, index, CATEGORIES.index(category) if category in CATEGORIES else 99])
+    for _ in range(200):
+        objs = _sample_objects(rng, width, height)
+        if objs is None:
+            continue
+        q = _question(category, objs, rng, width)
+        if q is None:
+            continue
+        t, question = q
+        shapes = _target_shapes(objs[t])
+        gt = shapes_to_mask(shapes, height, width)
+        if not shapes or not np.array_equal(gt == 1, objs[t].visible):
+            continue  # LISA's rasteriser would not give back this region exactly: resample
+        image = _render(objs, width, height, rng)
+        anno = {
+            "text": [question],
+            "is_sentence": category == "multi-step",
+            "category": category,
+            "shapes": shapes,
+            "objects": [{"shape": o.shape, "colour": o.colour, "area": o.area} for o in objs],
+            "target_index": t,
+        }
+        return {"image": image, "annotation": anno, "objects": objs, "target": t, "gt": gt}
+    raise RuntimeError(f"could not make a valid {category} scene for index {index} (seed {seed})")
+
+
+def write_scenes(
+    output: str | Path,
+    n: int,
+    seed: int = 0,
+    width: int = 320,
+    height: int = 240,
+    categories: tuple[str, ...] | list[str] = CATEGORIES,
+    name: str = "scenes",
+) -> Path:
+    """Write ``n`` scenes (categories round-robin) as a ReasonSeg folder plus ``<name>.jsonl``. Returns the manifest."""
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        category = categories[i % len(categories)]
+        scene = make_scene(i, category, seed=seed, width=width, height=height)
+        stem = f"scene-{seed}-{i:05d}"
+        Image.fromarray(scene["image"]).save(out / f"{stem}.jpg", quality=95)
+        (out / f"{stem}.json").write_text(json.dumps(scene["annotation"]))
+        rows.append(
+            {
+                "query_id": stem,
+                "image": f"{stem}.jpg",
+                "question": scene["annotation"]["text"][0],
+                "category": category,
+                "gt_json": f"{stem}.json",
+                "gt_mask": encode_rle(scene["gt"] == 1),
+                "candidates": [encode_rle(o.visible) for o in scene["objects"]],
+            }
+        )
+    manifest = out / f"{name}.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest

@@ -1,0 +1,1 @@
+"""Evaluation: metrics (gIoU/cIoU, top-k, oracle, per category) and reports."""

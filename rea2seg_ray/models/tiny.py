@@ -1,0 +1,252 @@
+"""Offline, deterministic tiny models for tests, CI and the demo (``rea2seg build-tiny-models``).
+
+- a tiny Qwen2-VL: byte-level BPE tokenizer trained here on a built-in corpus, the Qwen2-VL special tokens and chat
+  template, a Qwen2-VL image processor; random weights saved as safetensors (loadable by transformers and vLLM);
+- a tiny SAM from segment_anything's modules: ``sam_config.json`` + ``model.safetensors``.
+
+They go through the same loaders as real checkpoints (``rea2seg_ray.models.loading``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .sam import build_sam, sam_config
+
+QWEN2VL_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>",
+]  # fmt: skip
+QWEN_PRETOKENIZE = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+QWEN2VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
+
+# Named tiny presets. initializer_range: ~0.02 gives flat attention (useless heat maps) and a loss plateau; larger
+# values give structured attention (discovery) or a trainable start (scorer). See FIELD-NOTES.md.
+TINY_VLM_PRESETS: dict[str, dict] = {
+    "tiny-qwen2-vl": dict(initializer_range=0.3, min_pixels=56 * 56, max_pixels=336 * 336),
+    "tiny-qwen2-vl-scorer": dict(initializer_range=0.06, min_pixels=56 * 56, max_pixels=112 * 112),
+}
+TINY_SAM_PRESETS: dict[str, dict] = {"tiny-sam": dict(model_type="tiny")}
+
+_CORPUS_WORDS = """
+the a an of to in on at by for with and or not is are was be it this that which what where who how why when
+object objects shape shapes image picture photo scene segment find show mark mask masks candidate candidates region
+red green blue yellow purple orange white black grey gray brown pink colour color bright dark light
+circle square triangle ellipse star hexagon diamond bar rectangle line round thin long small large big
+largest smallest biggest thinnest most least area left right top bottom above below behind front next near
+closest nearest farthest leftmost rightmost topmost lowest middle center centre between inside outside same
+different first then second other one two three four five six seven eight nine ten yes no true false score
+answer question think reasoning because so if would could should use used you your we our us they their
+tool open bottle stand reach things need store access helpful person people animal dog cat car chair table cup
+does do did has have had can will may might must get give take make look see hold carry sit eat drink cut
+highlighted outlined numbered shown drawn dimmed box point points json number numbers rank best match matches
+Is the highlighted region the object the question asks for? Answer Yes or No. The answer is
+You are a helpful assistant. user assistant system
+"""
+
+
+def _corpus() -> list[str]:
+    words = _CORPUS_WORDS.split()
+    lines = [_CORPUS_WORDS]
+    # Sentences and capitalised forms so frequent words become single tokens; digits and JSON punctuation too.
+    for i, w in enumerate(words):
+        nxt = words[(i * 7 + 3) % len(words)]
+        lines.append(f"{w} {nxt}. {w.capitalize()} {nxt}? The {w} is {nxt}, not {w}.")
+    lines += [
+        " ".join(str(n) for n in range(100)),
+        '{"score": 0.5, "scores": [1, 2, 3], "box": [10, 20, 30, 40]}',
+    ]
+    lines += ["Yes", "No", " Yes", " No", "Yes.", "No."] * 50
+    return lines * 4
+
+
+def build_tokenizer(vocab_size: int = 1024):
+    """A Qwen2 byte-level BPE tokenizer trained on the built-in corpus, plus the Qwen2-VL special tokens."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_corpus(), trainer)
+    state = json.loads(bpe.to_str())["model"]
+    vocab = state["vocab"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    tok = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+    )
+    tok.add_special_tokens(
+        {"additional_special_tokens": [t for t in QWEN2VL_SPECIAL_TOKENS if t != "<|endoftext|>"]}
+    )
+    tok.add_special_tokens({"pad_token": "<|endoftext|>"})
+    tok.chat_template = QWEN2VL_CHAT_TEMPLATE
+    return tok
+
+
+def build_tiny_qwen2_vl(
+    output: str | Path,
+    seed: int = 0,
+    initializer_range: float = 0.3,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 336 * 336,
+) -> Path:
+    """Write a random-init tiny Qwen2-VL (model, tokenizer, processor, chat template) to ``output``."""
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    out = Path(output)
+    tok = build_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN2VL_SPECIAL_TOKENS}
+    vocab_size = ((len(tok) + 63) // 64) * 64
+    text_config = dict(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        initializer_range=initializer_range,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]},
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=True,
+    )
+    vision_config = dict(
+        depth=2,
+        embed_dim=64,
+        hidden_size=128,
+        num_heads=2,
+        mlp_ratio=2,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+        initializer_range=initializer_range,
+    )
+    config = Qwen2VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    config.architectures = ["Qwen2VLForConditionalGeneration"]
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).to(torch.float32).eval()
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    image_processor = Qwen2VLImageProcessor(size=size, min_pixels=min_pixels, max_pixels=max_pixels)
+    video_processor = Qwen2VLVideoProcessor(size=size, min_pixels=min_pixels, max_pixels=max_pixels)
+    processor = Qwen2VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        video_processor=video_processor,
+        chat_template=QWEN2VL_CHAT_TEMPLATE,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token_id": ids["<|endoftext|>"],
+                "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+                "pad_token_id": ids["<|endoftext|>"],
+                "do_sample": False,
+            },
+            indent=2,
+        )
+    )
+    return out
+
+
+def build_tiny_sam(output: str | Path, seed: int = 0) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = sam_config("tiny")
+    torch.manual_seed(seed)
+    sam = build_sam(cfg)
+    save_file({k: v.contiguous() for k, v in sam.state_dict().items()}, str(out / "model.safetensors"))
+    (out / "sam_config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def build_tiny_models(
+    output: str | Path, seed: int = 0, force: bool = False, names: list[str] | None = None
+) -> dict[str, Path]:
+    """Build every tiny preset (or ``names``) under ``output/<name>``; existing complete ones are kept unless force.
+
+    Each model is written to a temporary folder and renamed into place, so a crash never leaves half a model.
+    """
+    root = Path(output)
+    root.mkdir(parents=True, exist_ok=True)
+    wanted = names or [*TINY_VLM_PRESETS, *TINY_SAM_PRESETS]
+    built: dict[str, Path] = {}
+    for name in wanted:
+        dest = root / name
+        if (dest / ".complete").exists() and not force:
+            built[name] = dest
+            continue
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+        try:
+            if name in TINY_VLM_PRESETS:
+                build_tiny_qwen2_vl(tmp, seed=seed, **TINY_VLM_PRESETS[name])
+            elif name in TINY_SAM_PRESETS:
+                build_tiny_sam(tmp, seed=seed)
+            else:
+                raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(wanted)}")
+            (tmp / ".complete").write_text("ok\n")
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared by every process on the node
+            if dest.exists():
+                shutil.rmtree(dest)
+            tmp.rename(dest)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        built[name] = dest
+    return built

@@ -1,0 +1,192 @@
+"""The few types every stage passes: Query (input row), Candidate (a scored mask), Prediction (output row).
+
+``PREDICTIONS_SCHEMA`` is the binding Parquet contract of ARCHITECTURE.md section 4.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+MASK_TYPE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
+CANDIDATE_TYPE = pa.struct(
+    [
+        ("rank", pa.int32()),
+        ("score", pa.float32()),
+        ("mask", MASK_TYPE),
+        ("bbox", pa.list_(pa.float32())),
+        ("area", pa.int64()),
+        ("source", pa.string()),
+        ("prior", pa.float32()),
+        ("reasoning", pa.string()),
+    ]
+)
+PREDICTIONS_SCHEMA = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("image_uri", pa.string()),
+        ("question", pa.string()),
+        ("category", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("error_stage", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("mask", MASK_TYPE),
+        ("score", pa.float32()),
+        ("candidates", pa.list_(CANDIDATE_TYPE)),
+        ("scorer_model", pa.string()),
+        ("discovery_model", pa.string()),
+        ("run_id", pa.string()),
+    ]
+)
+
+
+def make_query_id(image: str, question: str) -> str:
+    """Stable id from the image reference and the question text (used when a manifest gives none)."""
+    return hashlib.sha1(f"{image}\n{question}".encode()).hexdigest()[:16]
+
+
+@dataclass
+class Query:
+    """One input row: which object, in which image, is wanted."""
+
+    query_id: str
+    image: str  # absolute URI or path
+    question: str = ""
+    conversation: list[dict] | None = None  # [{role, content}]; the target is the intent after the last turn
+    category: str = ""
+    gt_json: str | None = None  # LISA-format annotation (URI)
+    gt_mask: dict | None = None  # RLE {"size", "counts"}
+    candidates: list[dict] | None = None  # optional given candidate masks (RLE dicts) for the `given` source
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def text(self) -> str:
+        """The text the models read: the question, or the whole dialogue rendered turn by turn."""
+        if self.conversation:
+            return "\n".join(f"{t.get('role', 'user')}: {t.get('content', '')}" for t in self.conversation)
+        return self.question
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Candidate:
+    """A candidate mask with where it came from and, after scoring, its score and rank."""
+
+    mask: dict  # RLE {"size": [h, w], "counts": str}
+    bbox: list[float]  # x, y, w, h
+    area: int
+    source: str = ""
+    prior: float = 0.0
+    score: float = float("nan")
+    rank: int = -1
+    reasoning: str = ""
+
+    def to_row(self) -> dict:
+        return {
+            "rank": int(self.rank),
+            "score": float(self.score),
+            "mask": {"size": [int(s) for s in self.mask["size"]], "counts": self.mask["counts"]},
+            "bbox": [float(v) for v in self.bbox],
+            "area": int(self.area),
+            "source": self.source,
+            "prior": float(self.prior),
+            "reasoning": self.reasoning or "",
+        }
+
+    @classmethod
+    def from_row(cls, row: dict) -> Candidate:
+        return cls(
+            mask=dict(row["mask"]),
+            bbox=list(row.get("bbox") or []),
+            area=int(row.get("area") or 0),
+            source=row.get("source") or "",
+            prior=float(row.get("prior") or 0.0),
+            score=float(row["score"]) if row.get("score") is not None else float("nan"),
+            rank=int(row["rank"]) if row.get("rank") is not None else -1,
+            reasoning=row.get("reasoning") or "",
+        )
+
+
+@dataclass
+class Prediction:
+    """One output row (one per input query; status ``ok`` or ``error``)."""
+
+    query_id: str
+    image_uri: str = ""
+    question: str = ""
+    category: str = ""
+    status: str = "ok"
+    error: str | None = None
+    error_stage: str | None = None
+    height: int = 0
+    width: int = 0
+    mask: dict | None = None
+    score: float | None = None
+    candidates: list[Candidate] = field(default_factory=list)
+    scorer_model: str = ""
+    discovery_model: str = ""
+    run_id: str = ""
+
+    @classmethod
+    def failed(cls, query: Query, stage: str, error: str, **kw: Any) -> Prediction:
+        return cls(
+            query_id=query.query_id,
+            image_uri=query.image,
+            question=query.text(),
+            category=query.category,
+            status="error",
+            error=error,
+            error_stage=stage,
+            **kw,
+        )
+
+    def to_row(self) -> dict:
+        return {
+            "query_id": self.query_id,
+            "image_uri": self.image_uri,
+            "question": self.question,
+            "category": self.category,
+            "status": self.status,
+            "error": self.error,
+            "error_stage": self.error_stage,
+            "height": int(self.height),
+            "width": int(self.width),
+            "mask": self.mask,
+            "score": None if self.score is None else float(self.score),
+            "candidates": [c.to_row() for c in self.candidates],
+            "scorer_model": self.scorer_model,
+            "discovery_model": self.discovery_model,
+            "run_id": self.run_id,
+        }
+
+    @classmethod
+    def from_row(cls, row: dict) -> Prediction:
+        cands = [Candidate.from_row(c) for c in (row.get("candidates") or [])]
+        return cls(
+            query_id=row["query_id"],
+            image_uri=row.get("image_uri") or "",
+            question=row.get("question") or "",
+            category=row.get("category") or "",
+            status=row.get("status") or "ok",
+            error=row.get("error"),
+            error_stage=row.get("error_stage"),
+            height=int(row.get("height") or 0),
+            width=int(row.get("width") or 0),
+            mask=dict(row["mask"]) if row.get("mask") else None,
+            score=row.get("score"),
+            candidates=cands,
+            scorer_model=row.get("scorer_model") or "",
+            discovery_model=row.get("discovery_model") or "",
+            run_id=row.get("run_id") or "",
+        )
+
+
+def predictions_table(predictions: list[Prediction]) -> pa.Table:
+    """Predictions -> Arrow table with exactly ``PREDICTIONS_SCHEMA``."""
+    return pa.Table.from_pylist([p.to_row() for p in predictions], schema=PREDICTIONS_SCHEMA)

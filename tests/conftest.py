@@ -1,0 +1,107 @@
+"""Shared fixtures: a tiny-model cache per test session, synthetic scenes, and a real S3 API server (moto) on
+127.0.0.1 reached through boto3 and pyarrow.fs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_SAMPLES = REPO.parent / "shared" / "data" / "reasonseg-samples"
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """One tiny-model cache for the session (REA2SEG_CACHE), built once through the real builder."""
+    cache = Path(os.environ.get("REA2SEG_TEST_CACHE") or tmp_path_factory.mktemp("rea2seg-cache"))
+    os.environ["REA2SEG_CACHE"] = str(cache)
+    from rea2seg_ray.models.loading import tiny_model_dir
+    from rea2seg_ray.models.tiny import build_tiny_models
+
+    build_tiny_models(tiny_model_dir(str(cache)))
+    return cache
+
+
+@pytest.fixture(scope="session")
+def scenes_dir(tmp_path_factory) -> Path:
+    from rea2seg_ray.datasets.synthetic import write_scenes
+
+    out = tmp_path_factory.mktemp("scenes")
+    write_scenes(out, 12, seed=3)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1; sets the standard AWS variables so boto3 and pyarrow.fs reach it."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        raise RuntimeError("moto server did not start")
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket per test; returns its name."""
+    import boto3
+
+    name = (
+        "t-"
+        + request.node.name.lower().replace("_", "-")[:40].strip("-")
+        + f"-{int(time.time() * 1000) % 100000}"
+    )
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+def upload_tree(local: Path, bucket: str, prefix: str) -> None:
+    import boto3
+
+    s3 = boto3.client("s3")
+    for p in sorted(local.rglob("*")):
+        if p.is_file():
+            s3.upload_file(str(p), bucket, f"{prefix}/{p.relative_to(local).as_posix()}")
