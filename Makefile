@@ -30,19 +30,19 @@ demo: tiny-models
 	@echo "demo data: outputs/demo/scenes (the segmentation job, rea2seg segment, comes with issue D)"
 
 test: setup
-	$(VENV)/bin/ruff check rea2seg_ray tests scripts
+	$(VENV)/bin/ruff check rea2seg_ray tests scripts bench
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check rea2seg_ray tests scripts
-	$(VENV)/bin/ruff format --check rea2seg_ray tests scripts
+	$(VENV)/bin/ruff check rea2seg_ray tests scripts bench
+	$(VENV)/bin/ruff format --check rea2seg_ray tests scripts bench
 
 format: setup
-	$(VENV)/bin/ruff format rea2seg_ray tests scripts
-	$(VENV)/bin/ruff check --fix rea2seg_ray tests scripts
+	$(VENV)/bin/ruff format rea2seg_ray tests scripts bench
+	$(VENV)/bin/ruff check --fix rea2seg_ray tests scripts bench
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

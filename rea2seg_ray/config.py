@@ -52,6 +52,58 @@ class DataConfig:
 
 
 @dataclass
+class AttentionConfig:
+    """Which attention becomes the heat map (question tokens -> image tokens)."""
+
+    layers: list[int] = field(
+        default_factory=lambda: [-1]
+    )  # layer indices (negative: from the end); [] = all
+    layer_reduce: str = "mean"  # mean | max over layers
+    head_reduce: str = "mean"  # mean | max over heads
+    query_tokens: str = "question"  # question (all its tokens) | last_n | generated (answer tokens)
+    last_n: int = 4
+    generate_tokens: int = 8  # answer tokens generated for query_tokens=generated
+    smooth_sigma: float = 0.6  # Gaussian smoothing of the token-grid map, in token cells (0: off)
+
+
+@dataclass
+class PromptsConfig:
+    """Heat map -> SAM prompts."""
+
+    num_points: int = 6  # top-k local maxima as positive points
+    min_distance: int = 1  # between peaks, in token cells (a cell is 28 px of the resized image for Qwen2-VL)
+    rel_threshold: float = 0.35  # peaks and blobs must reach this fraction of the map's range above its min
+    negative_points: int = 0  # coldest cells added as negative points to every point prompt
+    max_boxes: int = 3  # boxes around thresholded high-attention blobs
+    box_threshold: float = 0.5  # blob threshold, as a fraction of the map's range
+    multimask: bool = True  # ask SAM for 3 masks per prompt and keep the one with the best predicted IoU
+
+
+@dataclass
+class DiscoveryConfig:
+    """Stage one: candidates from MLLM attention + SAM (and optional extra sources)."""
+
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    sources: list[str] = field(default_factory=lambda: ["attention"])  # + automatic | text_box | given
+    mllm_batch_size: int = 4  # queries per MLLM forward
+    sam_batch_size: int = 4  # images per SAM image-encoder forward
+    max_candidates: int = 8  # K
+    nms_iou: float = 0.7
+    min_area: int = 16  # px; smaller masks are dropped
+    min_area_frac: float = 0.0005  # of the image
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    automatic_points_per_side: int = 8  # SAM automatic grid (source "automatic")
+    automatic_pred_iou_thresh: float = 0.0  # random tiny SAM predicts low IoUs: keep everything, NMS decides
+    text_box_prompt: str = (
+        "Find the object the question refers to. Answer only with JSON: "
+        '{"bbox": [x1, y1, x2, y2], "points": [[x, y], [x, y]]}'
+    )
+    text_box_coords: str = "normalized_1000"  # normalized_1000 (Qwen2-VL) | resized (Qwen2.5-VL) | original
+
+
+@dataclass
 class BuildTinyModelsConfig:
     output: str = ""  # empty: <cache>/tiny
     seed: int = 0

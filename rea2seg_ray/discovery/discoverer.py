@@ -1,0 +1,184 @@
+"""Discoverer: (images, queries) -> de-duplicated candidate masks per query. Plain class, no Ray (the pipeline wraps
+it in an actor). bf16 on GPU, fp32 on CPU; model paths from config (tiny presets or real checkpoints).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from ..config import DiscoveryConfig, ModelsConfig
+from ..records import Candidate, Query
+from .attention import AttentionMapper
+from .merge import RawCandidate, given_candidates, merge_candidates, parse_box_answer
+from .prompts import HeatMap, blob_boxes, coldest_points, find_peaks
+from .sam_prompts import SamMask, SamPrompter
+
+SOURCES = ("attention", "automatic", "text_box", "given")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"discovery.dtype must be auto or one of {list(DTYPES)}, not {dtype!r}")
+    return DTYPES[dtype]
+
+
+class DiscoveryError(RuntimeError):
+    """Discovery failed for one query; the pipeline turns it into an error row."""
+
+
+class Discoverer:
+    """Stage one of Rea2Seg. ``discover`` batches the MLLM over queries and SAM over distinct images."""
+
+    def __init__(self, cfg: DiscoveryConfig, models: ModelsConfig):
+        from ..models.loading import load_sam, load_vlm
+
+        bad = [s for s in cfg.sources if s not in SOURCES]
+        if bad or not cfg.sources:
+            raise ValueError(f"discovery.sources {list(cfg.sources)}: each must be one of {SOURCES}")
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        cache = models.cache_dir or None
+        self.model_name = models.discovery
+        self.needs_mllm = any(s in cfg.sources for s in ("attention", "text_box"))
+        self.mapper = None
+        if self.needs_mllm:
+            vlm, processor = load_vlm(
+                models.discovery, self.device, self.dtype, "eager", cache, models.allow_hub
+            )
+            self.mapper = AttentionMapper(vlm, processor, cfg.attention)
+        sam = load_sam(models.sam, self.device, cache, models.allow_hub)
+        self.prompter = SamPrompter(sam.to(self.dtype) if self.device != "cpu" else sam)
+        self.timings: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+
+    def _heat_maps(self, images: list[np.ndarray], texts: list[str]) -> list[HeatMap | Exception]:
+        """Heat maps in MLLM batches; a failing batch is retried one query at a time to isolate the bad one."""
+        out: list[HeatMap | Exception] = []
+        bs = max(1, self.cfg.mllm_batch_size)
+        for i in range(0, len(images), bs):
+            try:
+                out += self.mapper.heat_maps(images[i : i + bs], texts[i : i + bs])
+            except Exception:  # noqa: BLE001 - isolate per query below
+                for im, t in zip(images[i : i + bs], texts[i : i + bs], strict=True):
+                    try:
+                        out += self.mapper.heat_maps([im], [t])
+                    except Exception as e:  # noqa: BLE001
+                        out.append(DiscoveryError(f"MLLM attention failed: {type(e).__name__}: {e}"))
+        return out
+
+    def _attention_masks(self, emb, heat: HeatMap) -> list[SamMask]:
+        p = self.cfg.prompts
+        peaks = find_peaks(heat, p.num_points, p.min_distance, p.rel_threshold)
+        negs = coldest_points(heat, p.negative_points, p.min_distance)
+        masks = self.prompter.predict_points(emb, [(x, y) for x, y, _ in peaks], negs, multimask=p.multimask)
+        boxes = [b for b, _ in blob_boxes(heat, p.box_threshold, p.max_boxes)]
+        masks += self.prompter.predict_boxes(emb, boxes, multimask=False)
+        for m in masks:
+            m.source = "attention_" + m.source
+        return masks
+
+    # -- main entry ----------------------------------------------------------------------------------------------
+
+    def discover(self, queries: list[Query], images: list[np.ndarray]) -> list[list[Candidate] | Exception]:
+        """Candidates for each (query, image). images: (H, W, 3) uint8 RGB; several queries may share one array
+        (the same image is embedded once). Returns, per query, 1..K Candidates or the exception that stopped it.
+        """
+        if len(queries) != len(images):
+            raise ValueError(f"{len(queries)} queries but {len(images)} images")
+        n = len(queries)
+        results: list[list[Candidate] | Exception] = [[] for _ in range(n)]
+        heats: list[HeatMap | Exception | None] = [None] * n
+        if self.needs_mllm:
+            t0 = time.perf_counter()
+            heats = self._heat_maps(images, [q.text() for q in queries])
+            self.timings["mllm"] += time.perf_counter() - t0
+        answers: list[str] = [""] * n
+        if "text_box" in self.cfg.sources:
+            t0 = time.perf_counter()
+            try:
+                answers = self.mapper.generate_text(
+                    images, [q.text() for q in queries], "\n" + self.cfg.text_box_prompt
+                )
+            except Exception:  # noqa: BLE001 - the text source is optional; attention still gives candidates
+                answers = [""] * n
+            self.timings["mllm"] += time.perf_counter() - t0
+
+        # One SAM embedding per distinct image array.
+        t0 = time.perf_counter()
+        uniq: dict[int, int] = {}
+        distinct: list[np.ndarray] = []
+        for im in images:
+            if id(im) not in uniq:
+                uniq[id(im)] = len(distinct)
+                distinct.append(im)
+        embs = self.prompter.embed(distinct, batch_size=self.cfg.sam_batch_size)
+        self.timings["sam"] += time.perf_counter() - t0
+
+        for i, (q, im) in enumerate(zip(queries, images, strict=True)):
+            try:
+                if isinstance(heats[i], Exception):
+                    raise heats[i]
+                results[i] = self._discover_one(q, im, embs[uniq[id(im)]], heats[i], answers[i])
+            except Exception as e:  # noqa: BLE001 - one query's failure never sinks the batch
+                results[i] = (
+                    e if isinstance(e, DiscoveryError) else DiscoveryError(f"{type(e).__name__}: {e}")
+                )
+        self.counts["queries"] += n
+        self.counts["images"] += len(distinct)
+        return results
+
+    def _discover_one(
+        self, q: Query, im: np.ndarray, emb, heat: HeatMap | None, answer: str
+    ) -> list[Candidate]:
+        h, w = im.shape[:2]
+        t0 = time.perf_counter()
+        sam_masks: list[SamMask] = []
+        if "attention" in self.cfg.sources and heat is not None:
+            sam_masks += self._attention_masks(emb, heat)
+        if "automatic" in self.cfg.sources:
+            sam_masks += self.prompter.predict_grid(
+                emb, self.cfg.automatic_points_per_side, self.cfg.automatic_pred_iou_thresh
+            )
+        if "text_box" in self.cfg.sources and answer:
+            resized = self.mapper.resized_size(heat.grid.shape) if heat is not None else None
+            parsed = parse_box_answer(answer, h, w, self.cfg.text_box_coords, resized)
+            if parsed is not None:
+                sam_masks += self.prompter.predict_box_and_points(emb, parsed[0], parsed[1])
+                self.counts["text_box_parsed"] += 1
+        self.timings["sam"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        raw: list[RawCandidate] = []
+        for m in sam_masks:
+            mass = heat.mass_in(m.mask) if heat is not None else 1.0
+            raw.append(RawCandidate(m.mask, m.source, mass * float(np.clip(m.iou, 0.05, 1.0))))
+        if "given" in self.cfg.sources and q.candidates:
+            for mask, src in given_candidates(q.candidates, h, w):
+                raw.append(RawCandidate(mask, src, heat.mass_in(mask) if heat is not None else 1.0))
+        if not raw and heat is not None:
+            # Nothing from SAM (e.g. every prompt gave an empty mask): the thresholded heat map itself.
+            raw.append(
+                RawCandidate(heat.to_image() >= np.quantile(heat.to_image(), 0.8), "attention_map", 0.0)
+            )
+        min_area = max(self.cfg.min_area, int(self.cfg.min_area_frac * h * w))
+        cands = merge_candidates(raw, self.cfg.max_candidates, self.cfg.nms_iou, min_area)
+        self.timings["merge"] += time.perf_counter() - t0
+        if not cands:
+            raise DiscoveryError("no candidate masks (every source returned empty masks)")
+        return cands
