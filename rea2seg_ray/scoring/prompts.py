@@ -1,0 +1,117 @@
+"""Every prompt the scorer sees, in one place (scoring and fine-tuning both build them here).
+
+Per-candidate prompts put the original image and the question first and the candidate last, so all candidates of
+a query share one prefix that vLLM's prefix cache serves once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+TEMPLATES = {
+    "question": "Question: {question}\n",
+    "overlay": "The next image shows the same picture with one candidate region highlighted: everything else is "
+    "dimmed and the region is outlined.",
+    "overlay_tint": "The next image shows the same picture with one candidate region tinted and outlined.",
+    "crop": "The next image is a close-up of one candidate region, outlined.",
+    "ask_yesno": "Is the highlighted region the object the question asks for? Answer Yes or No.",
+    "ask_numeric": 'How well does the highlighted region answer the question? Reply with JSON {"score": s}, '
+    "s between 0 and 1.",
+    "comparative": "The image shows {k} candidate regions, outlined and numbered 1 to {k}. Score every candidate "
+    'from 0 to 1 for how well it answers the question. Reply with JSON {{"scores": [s1, ..., s{k}]}}.',
+    "think": "First think step by step about what the question asks for and whether the region matches it.",
+    "final_yesno": "\nSo, is the highlighted region the object the question asks for? Answer Yes or No.\n",
+}
+
+NUMERIC_SCHEMA = {
+    "type": "object",
+    "properties": {"score": {"type": "number", "minimum": 0, "maximum": 1}},
+    "required": ["score"],
+    "additionalProperties": False,
+}
+
+
+def comparative_schema(k: int) -> dict:
+    return {
+        "type": "object",
+        "properties": {
+            "scores": {
+                "type": "array",
+                "items": {"type": "number", "minimum": 0, "maximum": 1},
+                "minItems": k,
+                "maxItems": k,
+            }
+        },
+        "required": ["scores"],
+        "additionalProperties": False,
+    }
+
+
+def candidate_messages(
+    question: str, render: str, answer: str = "yesno", reasoning: bool = False, style: str = "dim"
+) -> list[dict]:
+    """Chat messages for one candidate: [image, question, what the next image shows + the ask, candidate image]."""
+    show = TEMPLATES["overlay_tint" if render == "overlay" and style == "tint" else render]
+    ask = TEMPLATES["ask_numeric" if answer == "numeric" else "ask_yesno"]
+    if reasoning:
+        ask = f"{ask} {TEMPLATES['think']}"
+    # Everything shared by the query's candidates comes before the candidate image, so the cached prefix is as
+    # long as it can be; only the candidate image and the turn's closing tokens differ between prompts.
+    content = [
+        {"type": "image"},
+        {"type": "text", "text": TEMPLATES["question"].format(question=question.strip())},
+        {"type": "text", "text": f"{show} {ask}\n"},
+        {"type": "image"},
+    ]
+    return [{"role": "user", "content": content}]
+
+
+def comparative_messages(question: str, k: int) -> list[dict]:
+    content = [
+        {"type": "text", "text": TEMPLATES["question"].format(question=question.strip())},
+        {"type": "image"},
+        {"type": "text", "text": TEMPLATES["comparative"].format(k=k)},
+    ]
+    return [{"role": "user", "content": content}]
+
+
+def render_chat(processor, messages: list[dict], answer: str | None = None) -> str:
+    """The model's own chat template; with ``answer`` the assistant turn is appended (fine-tuning targets)."""
+    if answer is None:
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    full = [*messages, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    return processor.apply_chat_template(full, add_generation_prompt=False, tokenize=False)
+
+
+class AnswerError(ValueError):
+    """A model answer that does not parse; becomes a per-candidate error value, never a batch failure."""
+
+
+_JSON = re.compile(r"\{.*\}", re.S)
+
+
+def parse_numeric(text: str) -> float:
+    m = _JSON.search(text or "")
+    if not m:
+        raise AnswerError(f"no JSON object in answer {text[:80]!r}")
+    try:
+        v = float(json.loads(m.group(0))["score"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise AnswerError(f"answer {text[:80]!r} has no numeric 'score'") from e
+    if v != v:  # NaN
+        raise AnswerError("score is NaN")
+    return min(1.0, max(0.0, v))
+
+
+def parse_comparative(text: str, k: int) -> list[float]:
+    m = _JSON.search(text or "")
+    if not m:
+        raise AnswerError(f"no JSON object in answer {text[:80]!r}")
+    try:
+        scores = [float(s) for s in json.loads(m.group(0))["scores"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise AnswerError(f"answer {text[:80]!r} has no list of 'scores'") from e
+    if len(scores) != k:
+        raise AnswerError(f"expected {k} scores, got {len(scores)}")
+    return [min(1.0, max(0.0, s)) if s == s else 0.0 for s in scores]
