@@ -18,6 +18,7 @@ from .config import (
     ConfigError,
     EvaluateConfig,
     MakeScenesConfig,
+    SegmentConfig,
     load_config,
     to_yaml,
 )
@@ -63,7 +64,36 @@ def cmd_evaluate(cfg: EvaluateConfig) -> int:
     return 0
 
 
+def cmd_segment(cfg: SegmentConfig) -> int:
+    from . import storage
+    from .datasets import DatasetError
+    from .eval.report import evaluate_predictions, read_predictions, render_markdown, write_report
+    from .pipeline.graph import predictions_uri, run_segment
+
+    summary = run_segment(cfg)
+    if cfg.evaluate:
+        try:
+            metrics, scores = evaluate_predictions(
+                read_predictions(predictions_uri(cfg)),
+                summary.input,
+                fmt=cfg.format,
+                texts=cfg.texts,
+                limit=cfg.limit,
+            )
+        except DatasetError as e:
+            print(f"[rea2seg] evaluation skipped: {e}")
+            return 0
+        paths = write_report(metrics, scores, storage.join(cfg.output, "eval"))
+        print(render_markdown(metrics))
+        print(f"[rea2seg] metrics: {paths['metrics.json']}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable, str]] = {
+    "segment": (
+        cmd_segment,
+        "run the Rea2Seg job (discover -> score -> Parquet) on Ray; then evaluate if there is ground truth",
+    ),
     "build-tiny-models": (cmd_build_tiny_models, "write the offline random-init tiny models (Qwen2-VL, SAM)"),
     "make-scenes": (
         cmd_make_scenes,

@@ -156,6 +156,53 @@ class ScoringConfig:
 
 
 @dataclass
+class PoolConfig:
+    """One actor pool: how many actors, what each reserves, how many queries per call, fault tolerance."""
+
+    size: int = 1  # actors (min = max); raise on clusters
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0  # fractions allowed (e.g. 0.5: two actors share a GPU)
+    resources: dict[str, float] = field(
+        default_factory=dict
+    )  # custom resources to pin the pool to node types
+    batch_size: int = 4  # queries per call
+    max_restarts: int = -1  # actor restarts after a crash (-1: unlimited)
+    max_task_retries: int = -1  # retries of a batch whose actor died (-1: unlimited)
+
+
+@dataclass
+class RayConfig:
+    address: str = ""  # empty: start a local Ray; "auto" or ray://... to join a cluster
+    num_cpus: int = (
+        4  # local Ray only: logical CPUs (more than the cores, so reads never starve behind actors)
+    )
+    progress_bars: bool = True
+    log_to_driver: bool = True
+
+
+@dataclass
+class SegmentConfig:
+    """The main job: read -> decode -> discover -> score -> write Parquet, resumable."""
+
+    input: str = ""  # manifest or ReasonSeg folder, local or s3://; empty: the bundled sample scenes
+    output: str = "outputs/segment"  # predictions under <output>/predictions, evaluation under <output>/eval
+    format: str = "auto"
+    texts: str = "first"
+    limit: int = 0
+    run_id: str = ""  # empty: a timestamp
+    resume: bool = True  # skip query ids already in the output
+    max_image_side: int = 1536  # larger images are resized for processing; masks come back at full size
+    decode_num_cpus: float = 0.25
+    evaluate: bool = True  # when the input has ground truth, score the output and print the table
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    discover_pool: PoolConfig = field(default_factory=PoolConfig)
+    score_pool: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=8))
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass
 class BuildTinyModelsConfig:
     output: str = ""  # empty: <cache>/tiny
     seed: int = 0
@@ -187,6 +234,7 @@ class EvaluateConfig:
 
 
 COMMAND_CONFIGS: dict[str, type] = {
+    "segment": SegmentConfig,
     "build-tiny-models": BuildTinyModelsConfig,
     "make-scenes": MakeScenesConfig,
     "evaluate": EvaluateConfig,

@@ -97,9 +97,10 @@ def iter_manifest(uri: str, strict: bool = True) -> Iterator[Query]:
         except DatasetError as e:
             if strict:
                 raise
-            qid = (
-                row.get("query_id") if isinstance(row, dict) and row.get("query_id") else f"{uri}#row{lineno}"
-            )
+            # The row keeps its own id unless that id is what is wrong (a duplicate): ids stay unique either way.
+            own = row.get("query_id") if isinstance(row, dict) else None
+            qid = own if own and own not in seen else f"{uri}#row{lineno}"
+            seen.add(str(qid))
             yield Query(
                 query_id=str(qid),
                 image=str(row.get("image", "")) if isinstance(row, dict) else "",

@@ -37,11 +37,16 @@ def read_predictions(uri: str) -> dict[str, Prediction]:
 
 
 def evaluate_predictions(
-    predictions: dict[str, Prediction], dataset: str, fmt: str = "auto", texts: str = "first", k: int = 3
+    predictions: dict[str, Prediction],
+    dataset: str,
+    fmt: str = "auto",
+    texts: str = "first",
+    k: int = 3,
+    limit: int = 0,
 ) -> tuple[dict, list[QueryScore]]:
     """Score every ground-truth query of ``dataset``; a query with no (or a failed) prediction scores 0."""
     scores: list[QueryScore] = []
-    for q in read_queries(dataset, format=fmt, texts=texts, strict=True):
+    for q in read_queries(dataset, format=fmt, texts=texts, limit=limit, strict=True):
         gt = load_ground_truth(q)
         if gt is None:
             raise DatasetError(f"query {q.query_id} in {dataset} has no ground truth (gt_json or gt_mask)")
