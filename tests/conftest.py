@@ -105,3 +105,72 @@ def upload_tree(local: Path, bucket: str, prefix: str) -> None:
     for p in sorted(local.rglob("*")):
         if p.is_file():
             s3.upload_file(str(p), bucket, f"{prefix}/{p.relative_to(local).as_posix()}")
+
+
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server, model_cache, tmp_path_factory):
+    """One Ray cluster for the test session: `ray start --head` on 127.0.0.1 (with the job server), started after
+    the S3 server and model cache so its workers inherit their environment. Stopped by its own process group, never
+    by `ray stop` (which would kill every Ray on the host). Yields {"address", "dashboard"}."""
+    import signal
+
+    os.environ.update(RAY_ENV)
+    port, dash = _free_port(), _free_port()
+    log = open(tmp_path_factory.mktemp("ray") / "ray-start.log", "w")  # noqa: SIM115 - closed at teardown
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    proc = subprocess.Popen(
+        [ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", "--num-cpus=4", "--include-dashboard=true", "--disable-usage-stats", "--block"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ),
+    )  # fmt: skip
+    address, dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 90
+    import urllib.error
+    import urllib.request
+
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{dashboard}/api/version", timeout=1)
+            break
+        except urllib.error.HTTPError:  # 401 without the token: the server is up
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start exited: see {log.name}") from None
+            time.sleep(0.5)
+    else:
+        raise RuntimeError("Ray head did not come up")
+    try:
+        yield {"address": address, "dashboard": dashboard}
+    finally:
+        import ray
+
+        ray.shutdown()
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # workers left behind in the group
+        except ProcessLookupError:
+            pass
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def ray_driver(ray_cluster):
+    """This pytest process joined to the session cluster as a Ray driver."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_cluster["address"], _node_ip_address="127.0.0.1", log_to_driver=False)
+    return ray_cluster

@@ -47,8 +47,20 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def _declared_size(raw: bytes) -> tuple[int, int] | None:
+    """(w, h) from a PNG or GIF header, which PIL refuses to open at all when a side is 0."""
+    if raw[:8] == b"\x89PNG\r\n\x1a\n" and len(raw) >= 24 and raw[12:16] == b"IHDR":
+        return int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
+    if raw[:6] in (b"GIF87a", b"GIF89a") and len(raw) >= 10:
+        return int.from_bytes(raw[6:8], "little"), int.from_bytes(raw[8:10], "little")
+    return None
+
+
 def decode(raw: bytes, uri: str = "", max_side: int = 0) -> tuple[np.ndarray, tuple[int, int]]:
     """bytes -> ((h, w, 3) uint8 RGB image, bounded by ``max_side``; (H, W) original size after EXIF rotation)."""
+    declared = _declared_size(raw)
+    if declared and 0 in declared:
+        raise DecodeError(f"zero-size image ({declared[0]}x{declared[1]}): {uri}", "decode")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

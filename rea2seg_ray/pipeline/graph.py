@@ -101,7 +101,12 @@ def init_ray(cfg: SegmentConfig) -> None:
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
     if address:
-        ray.init(address=address, log_to_driver=cfg.ray.log_to_driver)
+        kwargs = {}
+        if any(h in address for h in ("127.0.0.1", "localhost")):
+            kwargs["_node_ip_address"] = (
+                "127.0.0.1"  # a loopback cluster: advertise loopback, not the host's IP
+            )
+        ray.init(address=address, log_to_driver=cfg.ray.log_to_driver, **kwargs)
     else:
         # A private local Ray on loopback only.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

