@@ -197,7 +197,8 @@ class SegmentConfig:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
-    discover_pool: PoolConfig = field(default_factory=PoolConfig)
+    # Discovery is the heavier stage (on 2 CPU cores: 2 threads for it, 1 for the mostly idle scorer measured best).
+    discover_pool: PoolConfig = field(default_factory=lambda: PoolConfig(num_cpus=2.0))
     score_pool: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=8))
     ray: RayConfig = field(default_factory=RayConfig)
 

@@ -65,6 +65,15 @@ class Discoverer:
         self.timings: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
 
+    def warmup(self) -> None:
+        """One tiny query through every model, so first-call costs (allocations, kernel selection) are paid at start-up,
+        not by the first real batch."""
+        rng = np.random.default_rng(0)
+        image = rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)
+        self.discover([Query("warmup", "warmup", "warm up")], [image])
+        self.timings.clear()
+        self.counts.clear()
+
     # -- helpers -------------------------------------------------------------------------------------------------
 
     def _heat_maps(self, images: list[np.ndarray], texts: list[str]) -> list[HeatMap | Exception]:

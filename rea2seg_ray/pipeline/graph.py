@@ -24,6 +24,7 @@ from .stages import DiscoverStage, ScoreStage, decode_batch, group_by_image, sum
 # Environment every worker needs (no secrets: credentials come from the nodes' own environment or roles).
 WORKER_ENV = (
     "REA2SEG_CACHE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE",
+    "REA2SEG_STAGE_TIMINGS",
 )  # fmt: skip
 
 
@@ -111,6 +112,7 @@ def init_ray(cfg: SegmentConfig) -> None:
         # A private local Ray on loopback only.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray.init(
+            address="local",  # never join some other cluster left on this machine
             num_cpus=cfg.ray.num_cpus,
             include_dashboard=False,
             log_to_driver=cfg.ray.log_to_driver,

@@ -7,6 +7,7 @@ rows it touches with ``error`` and ``error_stage`` and they flow on to the outpu
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 
@@ -41,6 +42,19 @@ STAGE_SCHEMA = pa.schema(
     ]
 )
 IMAGE_GROUP_SCHEMA = pa.schema([("image_uri", pa.string()), ("queries_json", pa.string())])
+
+
+def record_busy(stage: str, seconds: float, rows: int) -> None:
+    """Append one batch's busy time to ``$REA2SEG_STAGE_TIMINGS`` (benchmarks read it; off when unset)."""
+    path = os.environ.get("REA2SEG_STAGE_TIMINGS")
+    if path:
+        with open(path, "a") as f:
+            f.write(
+                json.dumps(
+                    {"stage": stage, "pid": os.getpid(), "busy_s": seconds, "rows": rows, "t": time.time()}
+                )
+                + "\n"
+            )
 
 
 def config_from_dict(d: dict) -> SegmentConfig:
@@ -131,6 +145,7 @@ class DiscoverStage:
 
         self.cfg = config_from_dict(cfg)
         self.discoverer = Discoverer(self.cfg.discovery, self.cfg.models)
+        self.discoverer.warmup()
         self.busy_s = 0.0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -157,6 +172,7 @@ class DiscoverStage:
                 else:
                     r["candidates_json"] = json.dumps([c.to_row() for c in res])
         self.busy_s += time.perf_counter() - t0
+        record_busy("discover", time.perf_counter() - t0, len(rows))
         return pa.Table.from_pylist(rows, schema=STAGE_SCHEMA)
 
 
@@ -180,6 +196,7 @@ class ScoreStage:
         self.cfg = config_from_dict(cfg)
         self.run_id = run_id
         self.scorer = Scorer(self.cfg.scoring, self.cfg.models)
+        self.scorer.warmup()
         self.busy_s = 0.0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -198,6 +215,7 @@ class ScoreStage:
         by_id = {r["query_id"]: res for r, res in zip(todo, results, strict=True)}
         preds = [self._prediction(r, by_id.get(r["query_id"])) for r in rows]
         self.busy_s += time.perf_counter() - t0
+        record_busy("score", time.perf_counter() - t0, len(rows))
         return predictions_table(preds)
 
     def _prediction(self, r: dict, res) -> Prediction:

@@ -1,0 +1,154 @@
+"""Pipeline throughput against two baselines on the same inputs, in one run:
+
+1. the Ray pipeline (`run_segment`: decode tasks, a Discoverer actor pool and a vLLM Scorer actor pool, streaming);
+2. a plain sequential loop over the same Discoverer and Scorer in one process (same batch sizes);
+3. a research-style loop: one query at a time, transformers scoring one candidate at a time.
+
+Also prints the peak summed RSS of all Ray processes during the pipeline run and each actor pool's busy share.
+
+    python bench/pipeline.py [n=48] [discover_pool.batch_size=4] [score_pool.batch_size=8]
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+from omegaconf import OmegaConf
+
+from rea2seg_ray.config import SegmentConfig, load_config
+from rea2seg_ray.datasets import read_queries
+from rea2seg_ray.datasets.synthetic import write_scenes
+from rea2seg_ray.pipeline.stages import DiscoverStage, ScoreStage, decode_batch, group_by_image
+
+
+@dataclass
+class BenchConfig:
+    n: int = 48
+    seed: int = 9
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+
+
+RAY_NAMES = (
+    "raylet",
+    "gcs_server",
+    "dashboard",
+    "ray::",
+    "default_worker",
+    "log_monitor",
+    "monitor.py",
+    "runtime_env",
+)
+
+
+def ray_rss() -> int:
+    """Summed RSS of this driver and every Ray process on the machine (bytes)."""
+    total = psutil.Process().memory_info().rss
+    for p in psutil.process_iter(["pid", "name", "cmdline", "memory_info"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or []) + " " + (p.info["name"] or "")
+            if p.pid != os.getpid() and any(k in cmd for k in RAY_NAMES):
+                total += p.info["memory_info"].rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied, TypeError):
+            continue
+    return total
+
+
+def sequential(cfg: SegmentConfig, queries, research: bool) -> tuple[float, float]:
+    """(load seconds, processing seconds) of an in-process loop over the same stage code."""
+    import pyarrow as pa
+
+    c = copy.deepcopy(cfg)
+    if research:
+        c.scoring.backend, c.scoring.hf.batch_size = "hf", 1
+    d = OmegaConf.to_container(OmegaConf.structured(c))
+    t0 = time.perf_counter()
+    disc, score = DiscoverStage(d), ScoreStage(d, "bench")
+    load = time.perf_counter() - t0
+    groups = pa.Table.from_pylist(group_by_image(queries))
+    t0 = time.perf_counter()
+    decoded = decode_batch(groups, cfg.max_image_side)
+    bd = 1 if research else cfg.discover_pool.batch_size
+    bs = 1 if research else cfg.score_pool.batch_size
+    found = [disc(decoded.slice(i, bd)) for i in range(0, decoded.num_rows, bd)]
+    found = pa.concat_tables(found)
+    out = [score(found.slice(i, bs)) for i in range(0, found.num_rows, bs)]
+    assert sum(t.num_rows for t in out) == len(queries)
+    return load, time.perf_counter() - t0
+
+
+def main(argv: list[str]) -> None:
+    cfg = load_config(BenchConfig, None, argv)
+    tmp = Path(tempfile.mkdtemp(prefix="rea2seg-bench-"))
+    manifest = write_scenes(tmp / "scenes", cfg.n, seed=cfg.seed)
+    queries = list(read_queries(str(manifest)))
+    seg = cfg.segment
+    seg.input, seg.output, seg.evaluate, seg.resume = str(manifest), str(tmp / "out"), False, False
+    seg.ray.progress_bars = False
+    timings = tmp / "stage-timings.jsonl"
+    os.environ["REA2SEG_STAGE_TIMINGS"] = str(timings)
+
+    from rea2seg_ray.pipeline.graph import run_segment
+
+    peak = [0]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], ray_rss())
+            time.sleep(0.5)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    t0 = time.perf_counter()
+    summary = run_segment(seg)
+    wall = time.perf_counter() - t0
+    stop.set()
+    th.join()
+    recs = [json.loads(line) for line in timings.read_text().splitlines()]
+    start = min(r["t"] - r["busy_s"] for r in recs)
+    end = max(r["t"] for r in recs)
+    processing = end - start
+    busy = {st: sum(r["busy_s"] for r in recs if r["stage"] == st) for st in ("discover", "score")}
+    pools = {"discover": seg.discover_pool.size, "score": seg.score_pool.size}
+    del os.environ["REA2SEG_STAGE_TIMINGS"]
+    import ray
+
+    ray.shutdown()
+
+    load_seq, t_seq = sequential(seg, queries, research=False)
+    load_res, t_res = sequential(seg, queries, research=True)
+    n = len(queries)
+    assert summary.written == n, summary
+    print(
+        f"pipeline benchmark: {n} queries ({n} images), models {seg.models.discovery} + {seg.models.sam} + "
+        f"{seg.models.scorer}, {os.cpu_count()} cores"
+    )
+    print(
+        f"  Ray pipeline:        {n / processing:6.2f} queries/s processing ({processing:.1f} s; end to end with "
+        f"Ray start and model loads {wall:.1f} s = {n / wall:.2f} queries/s)"
+    )
+    print(f"  sequential loop:     {n / t_seq:6.2f} queries/s ({t_seq:.1f} s; model load {load_seq:.1f} s)")
+    print(f"  research-style loop: {n / t_res:6.2f} queries/s ({t_res:.1f} s; model load {load_res:.1f} s)")
+    print(
+        f"  speed-up vs sequential loop: {t_seq / processing:.2f}x   vs research-style loop: {t_res / processing:.2f}x"
+    )
+    print(f"  peak RSS of all Ray processes (driver included): {peak[0] / 2**30:.2f} GiB")
+    print(
+        "  actor pool busy share of the processing wall time: "
+        + ", ".join(
+            f"{k} {100 * v / (processing * pools[k]):.0f}% ({pools[k]} actor)" for k, v in busy.items()
+        )
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
