@@ -25,9 +25,9 @@ $(STAMP): pyproject.toml scripts/fix_torchvision_cpu.py
 tiny-models: setup
 	$(REA2SEG) build-tiny-models
 
+# The main job on its embedded default: local Ray, the bundled sample scenes, tiny models, output under outputs/.
 demo: tiny-models
-	$(REA2SEG) make-scenes --config configs/make-scenes.yaml output=outputs/demo/scenes
-	@echo "demo data: outputs/demo/scenes (the segmentation job, rea2seg segment, comes with issue D)"
+	$(REA2SEG) segment
 
 test: setup
 	$(VENV)/bin/ruff check rea2seg_ray tests scripts bench
