@@ -30,19 +30,19 @@ demo: tiny-models
 	$(REA2SEG) segment
 
 test: setup
-	$(VENV)/bin/ruff check rea2seg_ray tests scripts bench
+	$(VENV)/bin/ruff check rea2seg_ray tests scripts bench cluster jobs
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check rea2seg_ray tests scripts bench
-	$(VENV)/bin/ruff format --check rea2seg_ray tests scripts bench
+	$(VENV)/bin/ruff check rea2seg_ray tests scripts bench cluster jobs
+	$(VENV)/bin/ruff format --check rea2seg_ray tests scripts bench cluster jobs
 
 format: setup
-	$(VENV)/bin/ruff format rea2seg_ray tests scripts bench
-	$(VENV)/bin/ruff check --fix rea2seg_ray tests scripts bench
+	$(VENV)/bin/ruff format rea2seg_ray tests scripts bench cluster jobs
+	$(VENV)/bin/ruff check --fix rea2seg_ray tests scripts bench cluster jobs
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

@@ -292,12 +292,23 @@ def test_make_demo_command_runs_on_its_embedded_default(model_cache, tmp_path):
     """`make demo` runs `rea2seg segment` with no arguments: its own local Ray, the bundled scenes, tiny models,
     output under ./outputs, then the evaluation table."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "AWS_ENDPOINT_URL")}
-    r = subprocess.run([str(Path(sys.executable).parent / "rea2seg"), "segment", "ray.progress_bars=false"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
+    r = subprocess.run(
+        [str(Path(sys.executable).parent / "rea2seg"), "segment", "ray.progress_bars=false"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "16 written: 16 ok, 0 error" in r.stdout
     assert "| Rea2Seg (top-1) |" in r.stdout and "discriminative gIoU" in r.stdout
     rows = read_local(tmp_path / "outputs" / "segment")
     assert len(rows) == 16
     metrics = json.loads((tmp_path / "outputs" / "segment" / "eval" / "metrics.json").read_text())
-    assert metrics["n"] == 16 and set(metrics["by_category"]) == {"discriminative", "geometric", "spatial", "multi-step"}
+    assert metrics["n"] == 16 and set(metrics["by_category"]) == {
+        "discriminative",
+        "geometric",
+        "spatial",
+        "multi-step",
+    }
