@@ -89,7 +89,33 @@ def cmd_segment(cfg: SegmentConfig) -> int:
     return 0
 
 
+def cmd_make_scoring_data(cfg) -> int:
+    from .train.data import build_scoring_data
+
+    counts = build_scoring_data(cfg)
+    print(
+        f"[rea2seg] mask-scoring data: {counts['examples']} examples ({counts['yes']} Yes, {counts['no']} No) from "
+        f"{counts['queries_with_examples']} of {counts['queries']} queries -> {cfg.output}"
+    )
+    return 0
+
+
+def cmd_finetune(cfg) -> int:
+    from .train.trainer import run_finetune
+
+    out = run_finetune(cfg)
+    print(f"[rea2seg] trained to step {out['step']} (loss {out['loss']}); checkpoint: {out['checkpoint']}")
+    print(f"[rea2seg] exported scorer: {out['export']}")
+    print(f"[rea2seg] use it with: rea2seg segment models.scorer={out['export']}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable, str]] = {
+    "make-scoring-data": (
+        cmd_make_scoring_data,
+        "annotated queries + candidates -> Yes/No mask-scoring examples (Parquet)",
+    ),
+    "finetune": (cmd_finetune, "fine-tune the scorer with Ray Train; export a folder vLLM loads"),
     "segment": (
         cmd_segment,
         "run the Rea2Seg job (discover -> score -> Parquet) on Ray; then evaluate if there is ground truth",

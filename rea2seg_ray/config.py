@@ -204,6 +204,69 @@ class SegmentConfig:
 
 
 @dataclass
+class MakeScoringDataConfig:
+    """Annotated queries + candidates -> one example per (query, candidate): IoU to the ground truth, Yes/No label."""
+
+    input: str = (
+        MISSING  # manifest or ReasonSeg folder with ground truth (gt_json / gt_mask); optional `reasoning`
+    )
+    output: str = MISSING  # Parquet folder (local or s3://)
+    format: str = "auto"
+    texts: str = "all"  # every phrasing of a ReasonSeg question is its own example source
+    limit: int = 0
+    pos_iou: float = 0.7  # IoU >= pos_iou: "Yes"
+    neg_iou: float = 0.3  # IoU <= neg_iou: "No"; in between: dropped as ambiguous
+    max_neg_per_pos: float = 1.0  # per query, at most this many negatives per positive (0: keep all)
+    keep_without_positive: bool = (
+        True  # queries whose candidates are all negative keep up to max(1, ...) negatives
+    )
+    seed: int = 0
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    discover_pool: PoolConfig = field(default_factory=lambda: PoolConfig(num_cpus=2.0))
+    max_image_side: int = 1536
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200  # optimizer steps
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    batch_size: int = 8  # examples per worker per micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    lora: bool = False
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    reinit: bool = False  # start from random weights (the proving ground trains a tiny scorer from scratch)
+    init_range: float = 0.06
+    checkpoint_every: int = 50
+    log_every: int = 10
+    seed: int = 0
+    max_failures: int = 1
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tune the scorer VLM on mask-scoring data with Ray Train; export a folder vLLM loads."""
+
+    data: str = MISSING  # Parquet from `rea2seg make-scoring-data`
+    output: str = MISSING  # run root: checkpoints under <output>/checkpoints, export under <output>/export
+    name: str = "scorer"  # run name: rerunning with the same name resumes from its latest checkpoint
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    scoring: ScoringConfig = field(
+        default_factory=ScoringConfig
+    )  # the prompt format trained is the one scored
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass
 class BuildTinyModelsConfig:
     output: str = ""  # empty: <cache>/tiny
     seed: int = 0
@@ -236,6 +299,8 @@ class EvaluateConfig:
 
 COMMAND_CONFIGS: dict[str, type] = {
     "segment": SegmentConfig,
+    "make-scoring-data": MakeScoringDataConfig,
+    "finetune": FinetuneConfig,
     "build-tiny-models": BuildTinyModelsConfig,
     "make-scenes": MakeScenesConfig,
     "evaluate": EvaluateConfig,

@@ -1,0 +1,161 @@
+"""Mask-scoring data: annotated queries + candidates -> one example per (query, candidate) with its IoU to the
+ground truth and a Yes/No label (ambiguous middle band dropped; negatives balanced per query). Built with Ray Data,
+reusing the pipeline's decode and discovery stages, written as Parquet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pyarrow as pa
+
+from ..datasets import gt_mask_from_annotation, load_annotation
+from ..masks import decode_rle, intersection_union, iou_from_iu
+from ..pipeline.stages import _to_original
+from ..records import MASK_TYPE, Candidate, Query
+
+EXAMPLE_SCHEMA = pa.schema(
+    [
+        ("example_id", pa.string()),
+        ("query_id", pa.string()),
+        ("image_uri", pa.string()),
+        ("question", pa.string()),
+        ("category", pa.string()),
+        ("mask", MASK_TYPE),
+        ("source", pa.string()),
+        ("iou", pa.float32()),
+        ("label", pa.string()),  # "Yes" | "No"
+        ("reasoning", pa.string()),
+    ]
+)
+
+
+def label_for(iou: float, pos_iou: float, neg_iou: float) -> str | None:
+    if iou >= pos_iou:
+        return "Yes"
+    if iou <= neg_iou:
+        return "No"
+    return None
+
+
+def _rng(query_id: str, seed: int) -> np.random.Generator:
+    return np.random.default_rng([seed, int(hashlib.sha1(query_id.encode()).hexdigest()[:8], 16)])
+
+
+def balance(
+    examples: list[dict], max_neg_per_pos: float, keep_without_positive: bool, rng: np.random.Generator
+) -> list[dict]:
+    """Keep every positive and at most ``max_neg_per_pos`` negatives per positive (hardest, i.e. highest IoU,
+    first; random among ties). 0 keeps all."""
+    if max_neg_per_pos <= 0:
+        return examples
+    pos = [e for e in examples if e["label"] == "Yes"]
+    neg = [e for e in examples if e["label"] == "No"]
+    n = (
+        int(np.ceil(max_neg_per_pos * len(pos)))
+        if pos
+        else (max(1, int(np.ceil(max_neg_per_pos))) if keep_without_positive else 0)
+    )
+    order = sorted(range(len(neg)), key=lambda i: (-neg[i]["iou"], rng.random()))
+    return pos + [neg[i] for i in order[:n]]
+
+
+def label_batch(
+    batch: pa.Table,
+    pos_iou: float,
+    neg_iou: float,
+    max_neg_per_pos: float,
+    keep_without_positive: bool,
+    seed: int,
+) -> pa.Table:
+    """STAGE rows with candidates -> EXAMPLE rows. Rows that failed earlier, or have no ground truth, yield none."""
+    out: list[dict] = []
+    for r in batch.to_pylist():
+        if r["error"] or not r["candidates_json"]:
+            continue
+        q = Query(**json.loads(r["query_json"]))
+        shape = (r["height"], r["width"])
+        if q.gt_mask:
+            gt = decode_rle(q.gt_mask).astype(np.uint8)
+        elif q.gt_json:
+            gt = gt_mask_from_annotation(load_annotation(q.gt_json), *shape)
+        else:
+            continue
+        examples = []
+        for k, c in enumerate(json.loads(r["candidates_json"])):
+            cand = _to_original(Candidate.from_row(c), shape)
+            iou = iou_from_iu(*intersection_union(decode_rle(cand.mask), gt))
+            lab = label_for(iou, pos_iou, neg_iou)
+            if lab is None:
+                continue
+            examples.append({
+                "example_id": f"{q.query_id}#{k}", "query_id": q.query_id, "image_uri": q.image, "question": q.text(),
+                "category": q.category, "mask": cand.mask, "source": cand.source, "iou": iou, "label": lab,
+                "reasoning": str(q.meta.get("reasoning") or q.meta.get("cot") or ""),
+            })  # fmt: skip
+        out += balance(examples, max_neg_per_pos, keep_without_positive, _rng(q.query_id, seed))
+    return pa.Table.from_pylist(out, schema=EXAMPLE_SCHEMA)
+
+
+def build_scoring_data(cfg) -> dict:
+    """Run the Ray Data job for ``MakeScoringDataConfig``; returns counts."""
+    import ray
+    from omegaconf import OmegaConf
+
+    from .. import storage
+    from ..config import SegmentConfig
+    from ..datasets import read_queries
+    from ..pipeline.graph import init_ray
+    from ..pipeline.stages import DiscoverStage, decode_batch, group_by_image
+
+    existing = (
+        [f for f in storage.list_files(cfg.output, recursive=True)] if storage.exists(cfg.output) else []
+    )
+    if any(f.endswith(".parquet") for f in existing):
+        raise FileExistsError(f"{cfg.output} already holds Parquet files: choose a new output folder")
+    queries = list(read_queries(cfg.input, format=cfg.format, texts=cfg.texts, limit=cfg.limit, strict=False))
+    seg = SegmentConfig(
+        models=cfg.models,
+        discovery=cfg.discovery,
+        discover_pool=cfg.discover_pool,
+        ray=cfg.ray,
+        max_image_side=cfg.max_image_side,
+    )
+    init_ray(seg)
+    ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
+    seg_dict = OmegaConf.to_container(OmegaConf.structured(seg))
+    dp = cfg.discover_pool
+    ds = ray.data.from_items(group_by_image(queries), override_num_blocks=max(1, min(len(queries), 200)))
+    ds = ds.map_batches(
+        decode_batch,
+        batch_format="pyarrow",
+        batch_size=4,
+        fn_kwargs={"max_side": cfg.max_image_side},
+        num_cpus=0.25,
+    )
+    ds = ds.map_batches(
+        DiscoverStage,
+        fn_constructor_kwargs={"cfg": seg_dict},
+        batch_format="pyarrow",
+        batch_size=dp.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=dp.size),
+        num_cpus=dp.num_cpus,
+        num_gpus=dp.num_gpus or None,
+        resources=dict(dp.resources) or None,
+    )
+    ds = ds.map_batches(label_batch, batch_format="pyarrow", batch_size=16, num_cpus=0.25, fn_kwargs=dict(
+        pos_iou=cfg.pos_iou, neg_iou=cfg.neg_iou, max_neg_per_pos=cfg.max_neg_per_pos,
+        keep_without_positive=cfg.keep_without_positive, seed=cfg.seed))  # fmt: skip
+    fs, path = storage.filesystem(cfg.output)
+    if not storage.is_remote(cfg.output):
+        fs.create_dir(path, recursive=True)
+    ds.write_parquet(path, filesystem=fs)
+    import pyarrow.dataset as pads
+
+    t = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["label", "query_id"])
+    labels = t.column("label").to_pylist()
+    counts = {"queries": len(queries), "queries_with_examples": len(set(t.column("query_id").to_pylist())),
+              "examples": len(labels), "yes": labels.count("Yes"), "no": labels.count("No")}  # fmt: skip
+    return counts

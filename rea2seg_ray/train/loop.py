@@ -1,0 +1,234 @@
+"""The per-worker training loop: examples -> the scorer's own prompts (shared code with scoring) -> loss on the
+answer token only. Plain functions (``collate``, ``load_scorer_for_training``) are testable without Ray; the loop
+itself runs inside Ray Train workers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import FinetuneConfig
+from ..pipeline.decode import decode, fetch
+from ..scoring.prompts import candidate_messages, render_chat
+from ..scoring.render import render_query
+
+STATE_FILE = "train_state.pt"
+
+
+class ImageCache:
+    """Decoded images per worker, least recently used first out: each image is decoded once per worker."""
+
+    def __init__(self, capacity: int = 512):
+        self.capacity = capacity
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def get(self, uri: str) -> np.ndarray:
+        if uri in self._items:
+            self._items.move_to_end(uri)
+            return self._items[uri]
+        image, _ = decode(fetch(uri), uri)
+        self._items[uri] = image
+        if len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+        return image
+
+
+def collate(
+    examples: list[dict], processor, scfg, input_size, images: ImageCache, answer_ids: dict[str, int]
+):
+    """Examples -> (model inputs, labels). Each example is the exact prompt the scorer sees, followed by its
+    answer; labels are -100 except at the answer token (the one position whose logits the scorer reads)."""
+    texts, pics = [], []
+    for e in examples:
+        img = images.get(e["image_uri"])
+        size = input_size(*img.shape[:2]) if input_size else None
+        base, (cand,) = render_query(
+            img,
+            [e["mask"]],
+            scfg.render,
+            scfg.image_max_side or 448,
+            scfg.overlay_style,
+            scfg.crop_margin,
+            size,
+        )
+        msgs = candidate_messages(e["question"], scfg.render, "yesno", False, scfg.overlay_style)
+        texts.append(render_chat(processor, msgs, answer=e["label"]))
+        pics += [base, cand]
+    inputs = processor(text=texts, images=pics, return_tensors="pt", padding=True)
+    ids = inputs["input_ids"]
+    # Left padding: every row ends "<answer><|im_end|>\n", so the answer sits at the same offset from the end.
+    suffix = len(processor.tokenizer.encode("<|im_end|>\n", add_special_tokens=False))
+    pos = ids.shape[1] - 1 - suffix
+    labels = torch.full_like(ids, -100)
+    want = torch.tensor([answer_ids[e["label"]] for e in examples])
+    if not torch.equal(ids[:, pos], want):
+        raise ValueError("answer token not where expected: is the tokenizer padding on the left?")
+    labels[:, pos] = want
+    return dict(inputs), labels
+
+
+def load_scorer_for_training(model_path: str, cfg: FinetuneConfig, device: str):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_path)
+    processor.tokenizer.padding_side = "left"
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if cfg.train.reinit:
+        from transformers import AutoConfig
+
+        mcfg = AutoConfig.from_pretrained(model_path)
+        mcfg.initializer_range = cfg.train.init_range
+        for sub in ("text_config", "vision_config"):
+            if hasattr(mcfg, sub):
+                getattr(mcfg, sub).initializer_range = cfg.train.init_range
+        torch.manual_seed(cfg.train.seed)
+        model = AutoModelForImageTextToText.from_config(mcfg, dtype=dtype, attn_implementation="sdpa")
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(
+            model_path, dtype=dtype, attn_implementation="sdpa"
+        )
+    if cfg.train.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.train.lora_rank,
+                lora_alpha=cfg.train.lora_alpha,
+                target_modules=list(cfg.train.lora_targets),
+                lora_dropout=0.0,
+            ),
+        )
+    return model.to(device), processor
+
+
+def lr_lambda(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def _trainable_state(model, lora: bool) -> dict:
+    inner = model.module if hasattr(model, "module") else model
+    if lora:
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(inner)
+    return inner.state_dict()
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry: config = {"cfg": FinetuneConfig as dict, "model_path": local path}."""
+    import ray.train
+    import ray.train.torch
+    from omegaconf import OmegaConf
+
+    from ..scoring.scorer import model_input_size_fn
+
+    cfg: FinetuneConfig = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(FinetuneConfig), config["cfg"])
+    )
+    tc = cfg.train
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.manual_seed(tc.seed + rank)
+    device = str(ray.train.torch.get_device())
+    model, processor = load_scorer_for_training(config["model_path"], cfg, device)
+    tok = processor.tokenizer
+    answer_ids = {
+        w: tok.encode(w, add_special_tokens=False)[0] for w in (cfg.scoring.yes_token, cfg.scoring.no_token)
+    }
+    answer_ids = {"Yes": answer_ids[cfg.scoring.yes_token], "No": answer_ids[cfg.scoring.no_token]}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, tc.warmup_steps, tc.max_steps))
+    step = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        target = model
+        if tc.lora:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(target, state["model"])
+        else:
+            target.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+    start_step = step  # reported with every metric: a resumed run shows where it picked up
+    model = ray.train.torch.prepare_model(model)
+    input_size = model_input_size_fn(config["model_path"]) if cfg.scoring.image_max_side <= 0 else None
+    images = ImageCache()
+    shard = ray.train.get_dataset_shard("train")
+    model.train()
+    losses: list[float] = []
+    upload = (
+        ray.train.CheckpointUploadMode.ASYNC
+        if device.startswith("cuda")
+        else ray.train.CheckpointUploadMode.SYNC
+    )
+    micro = 0
+    while step < tc.max_steps:
+        seen = 0
+        for batch in shard.iter_batches(
+            batch_size=tc.batch_size,
+            batch_format="pyarrow",
+            local_shuffle_buffer_size=256,
+            local_shuffle_seed=tc.seed + step,
+        ):
+            seen += 1
+            inputs, labels = collate(
+                batch.to_pylist(), processor, cfg.scoring, input_size, images, answer_ids
+            )
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            loss = model(**inputs, labels=labels.to(device)).loss
+            (loss / tc.grad_accum).backward()
+            losses.append(float(loss.detach()))
+            micro += 1
+            if micro % tc.grad_accum:
+                continue
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            last = step >= tc.max_steps
+            if step % tc.log_every == 0 or step % tc.checkpoint_every == 0 or last:
+                metrics = {
+                    "step": step,
+                    "start_step": start_step,
+                    "lr": sched.get_last_lr()[0],
+                    "loss": float(np.mean(losses)) if losses else float("nan"),
+                }
+                losses = []
+                if step % tc.checkpoint_every == 0 or last:
+                    with tempfile.TemporaryDirectory() as d:
+                        if rank == 0:
+                            torch.save(
+                                {
+                                    "model": _trainable_state(model, tc.lora),
+                                    "optimizer": opt.state_dict(),
+                                    "scheduler": sched.state_dict(),
+                                    "step": step,
+                                },
+                                os.path.join(d, STATE_FILE),
+                            )
+                        ckpt_out = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
+                        ray.train.report(metrics, checkpoint=ckpt_out, checkpoint_upload_mode=upload)
+                else:
+                    ray.train.report(metrics)
+            if last:
+                break
+        if seen == 0:
+            raise ValueError("the training data is empty on this worker")
