@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-JOBS = {"segment": "jobs/segment.py"}
+JOBS = {"segment": "jobs/segment.py", "finetune": "jobs/finetune_scorer.py"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,8 +60,12 @@ class Discoverer:
                 models.discovery, self.device, self.dtype, "eager", cache, models.allow_hub
             )
             self.mapper = AttentionMapper(vlm, processor, cfg.attention)
-        sam = load_sam(models.sam, self.device, cache, models.allow_hub)
-        self.prompter = SamPrompter(sam.to(self.dtype) if self.device != "cpu" else sam)
+        # SAM only when a source prompts it: `given` candidates alone need neither model.
+        self.needs_sam = any(s in cfg.sources for s in ("attention", "automatic", "text_box"))
+        self.prompter = None
+        if self.needs_sam:
+            sam = load_sam(models.sam, self.device, cache, models.allow_hub)
+            self.prompter = SamPrompter(sam.to(self.dtype) if self.device != "cpu" else sam)
         self.timings: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
 
@@ -136,7 +140,7 @@ class Discoverer:
             if id(im) not in uniq:
                 uniq[id(im)] = len(distinct)
                 distinct.append(im)
-        embs = self.prompter.embed(distinct, batch_size=self.cfg.sam_batch_size)
+        embs = self.prompter.embed(distinct, batch_size=self.cfg.sam_batch_size) if self.needs_sam else [None] * len(distinct)
         self.timings["sam"] += time.perf_counter() - t0
 
         for i, (q, im) in enumerate(zip(queries, images, strict=True)):

@@ -15,6 +15,8 @@ TEMPLATES = {
     "dimmed and the region is outlined.",
     "overlay_tint": "The next image shows the same picture with one candidate region tinted and outlined.",
     "crop": "The next image is a close-up of one candidate region, outlined.",
+    "overlay_only": "The image shows one candidate region highlighted: everything else is dimmed and the region is "
+    "outlined.",
     "ask_yesno": "Is the highlighted region the object the question asks for? Answer Yes or No.",
     "ask_numeric": 'How well does the highlighted region answer the question? Reply with JSON {"score": s}, '
     "s between 0 and 1.",
@@ -49,10 +51,14 @@ def comparative_schema(k: int) -> dict:
 
 
 def candidate_messages(
-    question: str, render: str, answer: str = "yesno", reasoning: bool = False, style: str = "dim"
+    question: str, render: str, answer: str = "yesno", reasoning: bool = False, style: str = "dim",
+    show_original: bool = True,
 ) -> list[dict]:
-    """Chat messages for one candidate: [image, question, what the next image shows + the ask, candidate image]."""
+    """Chat messages for one candidate: [image, question, what the next image shows + the ask, candidate image].
+    ``show_original=False`` drops the first image (an overlay already shows the whole picture, dimmed)."""
     show = TEMPLATES["overlay_tint" if render == "overlay" and style == "tint" else render]
+    if not show_original and render == "overlay" and style == "dim":
+        show = TEMPLATES["overlay_only"]
     ask = TEMPLATES["ask_numeric" if answer == "numeric" else "ask_yesno"]
     if reasoning:
         ask = f"{ask} {TEMPLATES['think']}"
@@ -64,7 +70,7 @@ def candidate_messages(
         {"type": "text", "text": f"{show} {ask}\n"},
         {"type": "image"},
     ]
-    return [{"role": "user", "content": content}]
+    return [{"role": "user", "content": content if show_original else content[1:]}]
 
 
 def comparative_messages(question: str, k: int) -> list[dict]:

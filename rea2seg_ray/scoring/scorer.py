@@ -161,7 +161,8 @@ class Scorer:
                 prompt = render_chat(
                     self.processor,
                     candidate_messages(
-                        q.text(), self.cfg.render, self.cfg.answer, self.cfg.reasoning, self.cfg.overlay_style
+                        q.text(), self.cfg.render, self.cfg.answer, self.cfg.reasoning, self.cfg.overlay_style,
+                        self.cfg.show_original,
                     ),
                 )
                 bkey = image_key(base)
@@ -172,7 +173,10 @@ class Scorer:
                     ckey = hashlib.blake2b(
                         f"{bkey}|{how}|{cands[ci].mask['counts']}".encode(), digest_size=16
                     ).hexdigest()
-                    batch.requests.append(ScoreRequest(prompt, [base, img], [bkey, ckey]))
+                    if self.cfg.show_original:
+                        batch.requests.append(ScoreRequest(prompt, [base, img], [bkey, ckey]))
+                    else:
+                        batch.requests.append(ScoreRequest(prompt, [img], [ckey]))
                     batch.slots.append(_Slot(qi, ci))
         self.timings["render"] += time.perf_counter() - t0
         return batch

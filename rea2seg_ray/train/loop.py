@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -58,9 +59,9 @@ def collate(
             scfg.crop_margin,
             size,
         )
-        msgs = candidate_messages(e["question"], scfg.render, "yesno", False, scfg.overlay_style)
+        msgs = candidate_messages(e["question"], scfg.render, "yesno", False, scfg.overlay_style, scfg.show_original)
         texts.append(render_chat(processor, msgs, answer=e["label"]))
-        pics += [base, cand]
+        pics += [base, cand] if scfg.show_original else [cand]
     inputs = processor(text=texts, images=pics, return_tensors="pt", padding=True)
     ids = inputs["input_ids"]
     # Left padding: every row ends "<answer><|im_end|>\n", so the answer sits at the same offset from the end.
@@ -126,6 +127,16 @@ def _trainable_state(model, lora: bool) -> dict:
     return inner.state_dict()
 
 
+def _out_of_time(started: float, max_minutes: float, device: str = "cpu") -> bool:
+    """True on every worker once any worker has used up the budget (a max all-reduce), so all stop together."""
+    if max_minutes <= 0:
+        return False
+    over = torch.tensor([1.0 if time.monotonic() - started > 60 * max_minutes else 0.0], device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(over, op=torch.distributed.ReduceOp.MAX)
+    return bool(over.item())
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry: config = {"cfg": FinetuneConfig as dict, "model_path": local path}."""
     import ray.train
@@ -169,7 +180,7 @@ def train_loop_per_worker(config: dict) -> None:
     start_step = step  # reported with every metric: a resumed run shows where it picked up
     model = ray.train.torch.prepare_model(model)
     input_size = model_input_size_fn(config["model_path"]) if cfg.scoring.image_max_side <= 0 else None
-    images = ImageCache()
+    images = ImageCache(capacity=4096)
     shard = ray.train.get_dataset_shard("train")
     model.train()
     losses: list[float] = []
@@ -179,6 +190,8 @@ def train_loop_per_worker(config: dict) -> None:
         else ray.train.CheckpointUploadMode.SYNC
     )
     micro = 0
+    last = False
+    started = time.monotonic()
     while step < tc.max_steps:
         seen = 0
         for batch in shard.iter_batches(
@@ -203,7 +216,7 @@ def train_loop_per_worker(config: dict) -> None:
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            last = step >= tc.max_steps
+            last = step >= tc.max_steps or _out_of_time(started, tc.max_minutes, device)
             if step % tc.log_every == 0 or step % tc.checkpoint_every == 0 or last:
                 metrics = {
                     "step": step,
@@ -232,3 +245,5 @@ def train_loop_per_worker(config: dict) -> None:
                 break
         if seen == 0:
             raise ValueError("the training data is empty on this worker")
+        if last:
+            break

@@ -128,7 +128,7 @@ def test_conversation_query_uses_the_whole_dialogue(discoverer):
 def test_given_and_automatic_sources(model_cache):
     qs, images = _scene_batch(2)
     d = Discoverer(DiscoveryConfig(sources=["given"], max_candidates=8, nms_iou=0.9), ModelsConfig())
-    assert d.mapper is None  # no MLLM needed for given candidates
+    assert d.mapper is None and d.prompter is None  # given candidates need neither the MLLM nor SAM
     results = d.discover(qs, images)
     for q, cands in zip(qs, results, strict=True):
         assert len(cands) == len(q.candidates)

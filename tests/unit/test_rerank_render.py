@@ -104,3 +104,11 @@ def test_answer_parsing_clamps_and_reports_errors():
     with pytest.raises(AnswerError, match="expected 2 scores"):
         parse_comparative('{"scores": [0.1, 0.2, 0.3]}', 2)
     assert not math.isnan(parse_numeric('{"score": 1e-9}'))
+
+
+def test_single_image_prompt_drops_the_original():
+    both = candidate_messages("the red circle", "overlay")[0]["content"]
+    only = candidate_messages("the red circle", "overlay", show_original=False)[0]["content"]
+    assert sum(c == {"type": "image"} for c in both) == 2 and sum(c == {"type": "image"} for c in only) == 1
+    assert only[-1] == {"type": "image"} and "the red circle" in only[0]["text"]
+    assert "The image shows one candidate region" in only[1]["text"]
