@@ -138,7 +138,9 @@ class ScoringConfig:
     )
     render: str = "overlay"  # overlay | crop | marks (comparative always uses marks)
     overlay_style: str = "dim"  # dim: everything else darkened, white outline | tint: coloured mask, contour
-    show_original: bool = True  # the original image first (shared, prefix-cached); false: only the candidate image
+    show_original: bool = (
+        True  # the original image first (shared, prefix-cached); false: only the candidate image
+    )
     answer: str = "yesno"  # yesno: P(yes)/(P(yes)+P(no)) | numeric: {"score": x} via structured output
     reasoning: bool = False  # think first (free text), then answer
     max_reasoning_tokens: int = 96
@@ -244,7 +246,9 @@ class TrainConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     reinit: bool = False  # start from random weights (the proving ground trains a tiny scorer from scratch)
     init_range: float = 0.06
-    max_minutes: float = 0.0  # wall-clock budget for the training loop (0: none); all workers stop at the same step
+    max_minutes: float = (
+        0.0  # wall-clock budget for the training loop (0: none); all workers stop at the same step
+    )
     checkpoint_every: int = 50
     log_every: int = 10
     seed: int = 0

@@ -35,7 +35,9 @@ def main() -> int:
     ap.add_argument("--out", default="outputs/proving-ground")
     ap.add_argument("--train-scenes", type=int, default=4000)
     ap.add_argument("--heldout-scenes", type=int, default=200)
-    ap.add_argument("--minutes", type=float, default=13.0, help="training budget (the proving ground allows 15)")
+    ap.add_argument(
+        "--minutes", type=float, default=13.0, help="training budget (the proving ground allows 15)"
+    )
     ap.add_argument("--max-steps", type=int, default=1500)
     ap.add_argument("--lr", default="2e-3")
     ap.add_argument("--init-range", default="0.06")
@@ -45,21 +47,50 @@ def main() -> int:
         raise SystemExit(f"{out} is not empty: remove it or pass --out")
     t_start = time.perf_counter()
     # Training scenes ask colour-and-shape questions; held-out scenes ask all four kinds (reported per category).
-    run("make-scenes", f"output={out / 'train'}", f"n={a.train_scenes}", "seed=1000", "categories=[discriminative]")
+    run(
+        "make-scenes",
+        f"output={out / 'train'}",
+        f"n={a.train_scenes}",
+        "seed=1000",
+        "categories=[discriminative]",
+    )
     run("make-scenes", f"output={out / 'heldout'}", f"n={a.heldout_scenes}", "seed=2000")
-    run("make-scoring-data", f"input={out / 'train' / 'scenes.jsonl'}", f"output={out / 'data'}",
-        "discovery.sources=[given]", "ray.progress_bars=false")
+    run(
+        "make-scoring-data",
+        f"input={out / 'train' / 'scenes.jsonl'}",
+        f"output={out / 'data'}",
+        "discovery.sources=[given]",
+        "ray.progress_bars=false",
+    )
     t0 = time.perf_counter()
-    run("finetune", f"data={out / 'data'}", f"output={out / 'run'}", "train.reinit=true", f"train.init_range={a.init_range}",
-        f"train.max_steps={a.max_steps}", f"train.max_minutes={a.minutes}", "train.num_workers=2",
-        "train.cpus_per_worker=1", "train.batch_size=16", f"train.lr={a.lr}", "train.warmup_steps=50",
+    run(
+        "finetune",
+        f"data={out / 'data'}",
+        f"output={out / 'run'}",
+        "train.reinit=true",
+        f"train.init_range={a.init_range}",
+        f"train.max_steps={a.max_steps}",
+        f"train.max_minutes={a.minutes}",
+        "train.num_workers=2",
+        "train.cpus_per_worker=1",
+        "train.batch_size=16",
+        f"train.lr={a.lr}",
+        "train.warmup_steps=50",
         # One image per prompt (the dimmed overlay shows the whole picture): a 0.6M-parameter model learns this
         # from scratch in minutes; with the original shown beside it, it stayed at chance for 13 minutes.
         "scoring.show_original=false",
-        "train.checkpoint_every=250", "train.log_every=50", "ray.progress_bars=false")
+        "train.checkpoint_every=250",
+        "train.log_every=50",
+        "ray.progress_bars=false",
+    )
     train_min = (time.perf_counter() - t0) / 60
     heldout = str(out / "heldout" / "scenes.jsonl")
-    common = ["discovery.sources=[given]", "scoring.show_original=false", "ray.progress_bars=false", f"input={heldout}"]
+    common = [
+        "discovery.sources=[given]",
+        "scoring.show_original=false",
+        "ray.progress_bars=false",
+        f"input={heldout}",
+    ]
     run("segment", *common, f"output={out / 'before'}", "models.scorer=tiny-qwen2-vl-scorer")
     run("segment", *common, f"output={out / 'after'}", f"models.scorer={out / 'run' / 'export'}")
     before = json.loads((out / "before" / "eval" / "metrics.json").read_text())
@@ -71,12 +102,18 @@ def main() -> int:
     for c in CATS:
         b, t = before["by_category"][c], after["by_category"][c]
         ratio = t["top1"]["giou"] / b["top1"]["giou"] if b["top1"]["giou"] else float("inf")
-        lines.append(f"| {c} | {t['n']} | {100 * b['top1']['giou']:.1f} | {100 * t['top1']['giou']:.1f} | "
-                     f"{ratio:.2f}x | {100 * t['top3']['giou']:.1f} | {100 * t['oracle']['giou']:.1f} |")
+        lines.append(
+            f"| {c} | {t['n']} | {100 * b['top1']['giou']:.1f} | {100 * t['top1']['giou']:.1f} | "
+            f"{ratio:.2f}x | {100 * t['top3']['giou']:.1f} | {100 * t['oracle']['giou']:.1f} |"
+        )
     b, t = before["top1"]["giou"], after["top1"]["giou"]
-    lines.append(f"| all | {after['n']} | {100 * b:.1f} | {100 * t:.1f} | {t / b if b else float('inf'):.2f}x | "
-                 f"{100 * after['top3']['giou']:.1f} | {100 * after['oracle']['giou']:.1f} |")
-    disc = after["by_category"]["discriminative"]["top1"]["giou"] / max(1e-9, before["by_category"]["discriminative"]["top1"]["giou"])
+    lines.append(
+        f"| all | {after['n']} | {100 * b:.1f} | {100 * t:.1f} | {t / b if b else float('inf'):.2f}x | "
+        f"{100 * after['top3']['giou']:.1f} | {100 * after['oracle']['giou']:.1f} |"
+    )
+    disc = after["by_category"]["discriminative"]["top1"]["giou"] / max(
+        1e-9, before["by_category"]["discriminative"]["top1"]["giou"]
+    )
     summary = "\n".join([
         f"Proving ground: tiny scorer trained from scratch for {train_min:.1f} min (rea2seg finetune, 2 CPU workers), "
         f"served by vLLM; candidates are each held-out scene's own shapes; whole loop {(time.perf_counter() - t_start) / 60:.1f} min.",

@@ -140,7 +140,11 @@ class Discoverer:
             if id(im) not in uniq:
                 uniq[id(im)] = len(distinct)
                 distinct.append(im)
-        embs = self.prompter.embed(distinct, batch_size=self.cfg.sam_batch_size) if self.needs_sam else [None] * len(distinct)
+        embs = (
+            self.prompter.embed(distinct, batch_size=self.cfg.sam_batch_size)
+            if self.needs_sam
+            else [None] * len(distinct)
+        )
         self.timings["sam"] += time.perf_counter() - t0
 
         for i, (q, im) in enumerate(zip(queries, images, strict=True)):

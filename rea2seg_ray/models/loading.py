@@ -12,8 +12,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import torch
 
 from .. import storage
 from ..config import default_cache_dir
+from .cachedir import building
 from .sam import build_sam, sam_config
 from .tiny import TINY_SAM_PRESETS, TINY_VLM_PRESETS, build_tiny_models
 
@@ -75,8 +74,7 @@ def _fetch_s3(uri: str, cache_dir: str | None) -> Path:
     with _file_lock(dest.parent / f".{name}-{key}.lock"):
         if (dest / ".complete").exists():
             return dest
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=dest.parent))
-        try:
+        with building(dest, uri) as tmp:
             if storage.is_dir(uri):
                 n = storage.download_tree(uri, tmp)
             else:  # a single checkpoint object
@@ -84,13 +82,6 @@ def _fetch_s3(uri: str, cache_dir: str | None) -> Path:
                 n = 1
             if n == 0:
                 raise ModelNotFound(f"model {uri}: no objects under this prefix")
-            (tmp / ".complete").write_text(uri + "\n")
-            if dest.exists():
-                shutil.rmtree(dest)
-            tmp.rename(dest)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

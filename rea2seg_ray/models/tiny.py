@@ -10,12 +10,11 @@ They go through the same loaders as real checkpoints (``rea2seg_ray.models.loadi
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .cachedir import building
 from .sam import build_sam, sam_config
 
 QWEN2VL_SPECIAL_TOKENS = [
@@ -232,21 +231,12 @@ def build_tiny_models(
         if (dest / ".complete").exists() and not force:
             built[name] = dest
             continue
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-        try:
+        with building(dest, "ok") as tmp:
             if name in TINY_VLM_PRESETS:
                 build_tiny_qwen2_vl(tmp, seed=seed, **TINY_VLM_PRESETS[name])
             elif name in TINY_SAM_PRESETS:
                 build_tiny_sam(tmp, seed=seed)
             else:
                 raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(wanted)}")
-            (tmp / ".complete").write_text("ok\n")
-            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared by every process on the node
-            if dest.exists():
-                shutil.rmtree(dest)
-            tmp.rename(dest)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         built[name] = dest
     return built

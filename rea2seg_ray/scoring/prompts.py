@@ -51,7 +51,11 @@ def comparative_schema(k: int) -> dict:
 
 
 def candidate_messages(
-    question: str, render: str, answer: str = "yesno", reasoning: bool = False, style: str = "dim",
+    question: str,
+    render: str,
+    answer: str = "yesno",
+    reasoning: bool = False,
+    style: str = "dim",
     show_original: bool = True,
 ) -> list[dict]:
     """Chat messages for one candidate: [image, question, what the next image shows + the ask, candidate image].

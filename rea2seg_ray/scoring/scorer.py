@@ -161,7 +161,11 @@ class Scorer:
                 prompt = render_chat(
                     self.processor,
                     candidate_messages(
-                        q.text(), self.cfg.render, self.cfg.answer, self.cfg.reasoning, self.cfg.overlay_style,
+                        q.text(),
+                        self.cfg.render,
+                        self.cfg.answer,
+                        self.cfg.reasoning,
+                        self.cfg.overlay_style,
                         self.cfg.show_original,
                     ),
                 )

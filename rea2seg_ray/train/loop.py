@@ -59,7 +59,9 @@ def collate(
             scfg.crop_margin,
             size,
         )
-        msgs = candidate_messages(e["question"], scfg.render, "yesno", False, scfg.overlay_style, scfg.show_original)
+        msgs = candidate_messages(
+            e["question"], scfg.render, "yesno", False, scfg.overlay_style, scfg.show_original
+        )
         texts.append(render_chat(processor, msgs, answer=e["label"]))
         pics += [base, cand] if scfg.show_original else [cand]
     inputs = processor(text=texts, images=pics, return_tensors="pt", padding=True)
