@@ -54,16 +54,6 @@ def mask_bbox(mask: np.ndarray) -> list[float]:
     return [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
 
 
-def xywh_to_xyxy(box: Sequence[float]) -> list[float]:
-    x, y, w, h = box
-    return [x, y, x + w, y + h]
-
-
-def xyxy_to_xywh(box: Sequence[float]) -> list[float]:
-    x0, y0, x1, y1 = box
-    return [x0, y0, x1 - x0, y1 - y0]
-
-
 # --- LISA ReasonSeg ground truth --------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..config import DiscoveryConfig, ModelsConfig
+from ..models.loading import default_dtype
 from ..records import Candidate, Query
 from .attention import AttentionMapper
 from .merge import RawCandidate, given_candidates, merge_candidates, parse_box_answer
@@ -29,7 +30,7 @@ def resolve_device(device: str) -> str:
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        return default_dtype(device)
     if dtype not in DTYPES:
         raise ValueError(f"discovery.dtype must be auto or one of {list(DTYPES)}, not {dtype!r}")
     return DTYPES[dtype]

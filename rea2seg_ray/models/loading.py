@@ -10,7 +10,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -174,8 +173,3 @@ def load_sam(spec: str, device: str = "cpu", cache_dir: str | None = None, allow
             f"missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
         )
     return sam.to(device).eval()
-
-
-def model_cache_env() -> dict[str, str]:
-    """Environment for worker processes so every process on a node shares one model cache."""
-    return {"REA2SEG_CACHE": os.environ.get("REA2SEG_CACHE", default_cache_dir())}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -40,7 +40,6 @@ class RunSummary:
     error: int
     error_stages: dict = field(default_factory=dict)
     seconds: float = 0.0
-    busy: dict = field(default_factory=dict)
 
     @property
     def queries_per_s(self) -> float:
@@ -224,9 +223,3 @@ def _names(run_id: str):
             return f"{run_id}-{write_uuid}-{task_index:06d}-{block_index:06d}.parquet"
 
     return RunFilenames()
-
-
-def summary_dict(s: RunSummary) -> dict:
-    d = asdict(s)
-    d["queries_per_s"] = s.queries_per_s
-    return d

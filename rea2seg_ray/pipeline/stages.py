@@ -146,7 +146,6 @@ class DiscoverStage:
         self.cfg = config_from_dict(cfg)
         self.discoverer = Discoverer(self.cfg.discovery, self.cfg.models)
         self.discoverer.warmup()
-        self.busy_s = 0.0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         t0 = time.perf_counter()
@@ -171,7 +170,6 @@ class DiscoverStage:
                     r.update(error=f"discovery failed: {res}", error_stage="discover", image=None)
                 else:
                     r["candidates_json"] = json.dumps([c.to_row() for c in res])
-        self.busy_s += time.perf_counter() - t0
         record_busy("discover", time.perf_counter() - t0, len(rows))
         return pa.Table.from_pylist(rows, schema=STAGE_SCHEMA)
 
@@ -197,7 +195,6 @@ class ScoreStage:
         self.run_id = run_id
         self.scorer = Scorer(self.cfg.scoring, self.cfg.models)
         self.scorer.warmup()
-        self.busy_s = 0.0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         t0 = time.perf_counter()
@@ -214,7 +211,6 @@ class ScoreStage:
                 results = [e] * len(todo)
         by_id = {r["query_id"]: res for r, res in zip(todo, results, strict=True)}
         preds = [self._prediction(r, by_id.get(r["query_id"])) for r in rows]
-        self.busy_s += time.perf_counter() - t0
         record_busy("score", time.perf_counter() - t0, len(rows))
         return predictions_table(preds)
 
