@@ -15,6 +15,11 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SHARED_SAMPLES = REPO.parent / "shared" / "data" / "reasonseg-samples"
 
+# Ray reads these when it is first imported: set them before any test module can import ray. Without
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 a driver rewrites 127.0.0.1 to the host's own address and leaves loopback.
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+os.environ.update(RAY_ENV)
+
 
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
@@ -105,9 +110,6 @@ def upload_tree(local: Path, bucket: str, prefix: str) -> None:
     for p in sorted(local.rglob("*")):
         if p.is_file():
             s3.upload_file(str(p), bucket, f"{prefix}/{p.relative_to(local).as_posix()}")
-
-
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
 
 
 @pytest.fixture(scope="session")

@@ -94,24 +94,24 @@ def existing_output(uri: str, columns: list[str]) -> pa.Table:
 
 
 def init_ray(cfg: SegmentConfig) -> None:
+    """Start a private local Ray (no address) or join ``ray.address`` / ``$RAY_ADDRESS``."""
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
+    loopback = not address or any(h in address for h in ("127.0.0.1", "localhost"))
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if loopback:
+        # Read by Ray when it is imported: without it a driver rewrites 127.0.0.1 to the host's own address.
+        # Never set for real clusters, whose nodes must advertise their addresses.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
     if address:
-        kwargs = {}
-        if any(h in address for h in ("127.0.0.1", "localhost")):
-            kwargs["_node_ip_address"] = (
-                "127.0.0.1"  # a loopback cluster: advertise loopback, not the host's IP
-            )
+        kwargs = {"_node_ip_address": "127.0.0.1"} if loopback else {}
         ray.init(address=address, log_to_driver=cfg.ray.log_to_driver, **kwargs)
     else:
-        # A private local Ray on loopback only.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray.init(
-            address="local",  # never join some other cluster left on this machine
+            address="local",  # a private local Ray; never join some other cluster left on this machine
             num_cpus=cfg.ray.num_cpus,
             include_dashboard=False,
             log_to_driver=cfg.ray.log_to_driver,
