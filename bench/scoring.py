@@ -71,16 +71,12 @@ def timed(scorer: Scorer, queries, images, cands, repeats: int) -> tuple[float, 
     return best, best_backend, out
 
 
-def prefix_lengths(scorer: Scorer, query, image) -> tuple[int, int]:
+def prefix_lengths(scorer: Scorer, proc, query, image) -> tuple[int, int]:
     """(image-and-question prefix, whole shared prefix) in tokens for one of the query's prompts: the tokens up to
     the end of the question, and up to the candidate image (the question plus the shared instructions)."""
-    from transformers import AutoProcessor
-
-    from rea2seg_ray.models.loading import resolve_model
     from rea2seg_ray.scoring.prompts import TEMPLATES, candidate_messages, render_chat
     from rea2seg_ray.scoring.render import render_query
 
-    proc = AutoProcessor.from_pretrained(resolve_model(scorer.model_name))
     size = scorer.input_size(*image.shape[:2]) if scorer.input_size else None
     base, _ = render_query(image, [], "overlay", scorer.cfg.image_max_side or 448, size=size)
     prompt = render_chat(proc, candidate_messages(query.text(), "overlay"))
@@ -105,7 +101,12 @@ def main(argv: list[str]) -> None:
     v.backend.stats.__init__()
     v.score(queries, images, copy.deepcopy(cands))
     st = v.backend.stats
-    lens = [prefix_lengths(v, q, im) for q, im in zip(queries, images, strict=True)]
+    from transformers import AutoProcessor
+
+    from rea2seg_ray.models.loading import resolve_model
+
+    proc = AutoProcessor.from_pretrained(resolve_model(v.model_name))  # once, not per query
+    lens = [prefix_lengths(v, proc, q, im) for q, im in zip(queries, images, strict=True)]
     per_req = [lens[i] for i, c in enumerate(cands) for _ in c]  # requests are in query order, K each
     iq_total = sum(iq for iq, _ in per_req)
     iq_cached = sum(min(c, iq) for c, (iq, _) in zip(st.last_cached, per_req, strict=True))

@@ -60,7 +60,7 @@ def image_size(uri: str) -> tuple[int, int]:
     """(height, width) of an image, reading only what PIL needs to know the size."""
     import io
 
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     try:
         raw = storage.read_bytes(uri)
@@ -68,8 +68,11 @@ def image_size(uri: str) -> tuple[int, int]:
         raise DatasetError(f"{uri}: image not found") from e
     try:
         with Image.open(io.BytesIO(raw)) as im:
-            # LISA reads images with cv2, which applies EXIF orientation; so does our decode stage.
-            w, h = ImageOps.exif_transpose(im).size if im.getexif().get(0x0112, 1) != 1 else im.size
+            # LISA reads images with cv2, which applies EXIF orientation; so does our decode stage. Orientations
+            # 5-8 turn the image by 90 degrees: the header's width and height swap, no decode needed.
+            w, h = im.size
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                w, h = h, w
     except Exception as e:
         raise DatasetError(f"{uri}: not a readable image: {e}") from e
     return h, w

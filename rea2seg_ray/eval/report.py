@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import pyarrow.parquet as pq
 
@@ -120,6 +119,4 @@ def write_report(
         for s in scores
     ]
     storage.write_bytes(paths["per_query.jsonl"], ("\n".join(lines) + "\n").encode())
-    if not storage.is_remote(output):
-        Path(output).mkdir(parents=True, exist_ok=True)
     return paths

@@ -121,11 +121,16 @@ def decode_batch(batch: pa.Table, max_side: int = 0) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=STAGE_SCHEMA)
 
 
+def _resize_nearest(rle: dict, shape: tuple[int, int]) -> np.ndarray:
+    """Decode an RLE and resample it to ``shape`` (H, W), nearest neighbour."""
+    m = decode_rle(rle).astype(np.uint8)
+    return cv2.resize(m, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
 def _resize_rle(rle: dict, shape: tuple[int, int]) -> dict:
-    m = decode_rle(rle)
-    if m.shape == shape:
+    if tuple(rle["size"]) == shape:
         return rle
-    return encode_rle(cv2.resize(m.astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST))
+    return encode_rle(_resize_nearest(rle, shape))
 
 
 def _images(rows: list[dict]) -> dict[str, np.ndarray]:
@@ -177,9 +182,7 @@ class DiscoverStage:
 def _to_original(c: Candidate, shape: tuple[int, int]) -> Candidate:
     if tuple(c.mask["size"]) == shape:
         return c
-    m = cv2.resize(
-        decode_rle(c.mask).astype(np.uint8), (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST
-    ).astype(bool)
+    m = _resize_nearest(c.mask, shape)
     c.mask, c.bbox, c.area = encode_rle(m), mask_bbox(m), int(m.sum())
     return c
 

@@ -104,8 +104,6 @@ class VLLMBackend:
         return out
 
     def _run(self, requests: list[ScoreRequest], params):
-        from vllm import SamplingParams  # noqa: F401 - imported for its side effect of a loaded engine
-
         outs = self.llm.generate(self._inputs(requests), params, use_tqdm=False)
         self.stats.last_cached = [int(o.num_cached_tokens or 0) for o in outs]
         for o in outs:
