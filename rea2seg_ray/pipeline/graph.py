@@ -120,11 +120,13 @@ def init_ray(cfg: SegmentConfig) -> None:
 
 
 def _remote_args(pool: PoolConfig, env: dict) -> dict:
-    return {
-        "max_restarts": pool.max_restarts,
-        "max_task_retries": pool.max_task_retries,
-        "runtime_env": {"env_vars": env},
-    }
+    # Ray Data already gives pool actors unlimited restarts and batch retries (-1); only a
+    # non-default choice is passed on, through the (deprecated in 2.60) free-form remote args.
+    args: dict = {"runtime_env": {"env_vars": env}}
+    for name in ("max_restarts", "max_task_retries"):
+        if getattr(pool, name) != -1:
+            args[name] = getattr(pool, name)
+    return args
 
 
 def build_dataset(cfg: SegmentConfig, queries, run_id: str):
