@@ -84,6 +84,35 @@ def timed(scorer: Scorer, queries, images, cands, repeats: int) -> tuple[float, 
     return best, best_backend, out
 
 
+def vllm_breakdown(scorer: Scorer, queries, images, cands, repeats: int) -> dict[str, float]:
+    """Where a cold vLLM call's time goes: the same pre-rendered requests timed with successively more of the engine's
+    caches kept warm (the processed-image cache skips the HF image processor, the encoder cache skips the vision
+    tower, the prefix cache skips the prefill); the differences are those parts' costs."""
+    llm = scorer.backend.llm
+    batch = scorer.build_requests(queries, images, copy.deepcopy(cands))
+
+    def best(reset) -> float:
+        b = float("inf")
+        for _ in range(repeats):
+            reset()
+            t0 = time.perf_counter()
+            scorer.backend.yes_no(batch.requests, scorer.yes_id, scorer.no_id)
+            b = min(b, time.perf_counter() - t0)
+        return b
+
+    cold_s = best(lambda: cold(scorer))
+    proc_warm = best(lambda: (llm.reset_prefix_cache(), llm.llm_engine.reset_encoder_cache()))
+    enc_warm = best(llm.reset_prefix_cache)
+    all_warm = best(lambda: None)
+    return {
+        "cold": cold_s,
+        "image processing (HF processor)": max(0.0, cold_s - proc_warm),
+        "vision encoder": max(0.0, proc_warm - enc_warm),
+        "prefill beyond the prefix cache": max(0.0, enc_warm - all_warm),
+        "the rest (request handling, scheduling, one decode step, outputs)": all_warm,
+    }
+
+
 def prefix_lengths(scorer: Scorer, proc, query, image) -> tuple[int, int]:
     """(image-and-question prefix, whole shared prefix) in tokens for one of the query's prompts: the tokens up to
     the end of the question, and up to the candidate image (the question plus the shared instructions)."""
@@ -125,6 +154,8 @@ def main(argv: list[str]) -> None:
     iq_cached = sum(min(c, iq) for c, (iq, _) in zip(st.last_cached, per_req, strict=True))
     shared_total = sum(sh for _, sh in per_req)
     shared_cached = sum(min(c, sh) for c, (_, sh) in zip(st.last_cached, per_req, strict=True))
+    all_cached, all_prompt, all_rate = st.cached_tokens, st.prompt_tokens, st.cache_hit_rate
+    breakdown = vllm_breakdown(v, queries, images, cands, cfg.repeats)
     del v
 
     hcfg = copy.deepcopy(cfg.scoring)
@@ -151,6 +182,9 @@ def main(argv: list[str]) -> None:
         f"    vLLM {n / tb_vllm:.1f} candidates/s, transformers {n / tb_hf:.1f} candidates/s, speed-up {tb_hf / tb_vllm:.2f}x"
     )
     print(f"  max |score difference| vLLM vs transformers: {diff:.2e}")
+    print(f"  where a cold vLLM call's {1000 * breakdown['cold']:.0f} ms go (ms per candidate):")
+    for part, sec in list(breakdown.items())[1:]:
+        print(f"    {part}: {1000 * sec / n:.2f}")
     print(f"  prefix cache (cold start, block size {cfg.scoring.vllm.block_size or 32}):")
     print(
         f"    image-and-question prefixes served from cache: {100 * iq_cached / iq_total:.1f}% "
@@ -160,7 +194,12 @@ def main(argv: list[str]) -> None:
         f"    whole shared prefixes (question + instructions, mean {shared_total / n:.0f} tokens): "
         f"{100 * shared_cached / shared_total:.1f}%"
     )
-    print(f"    all prompt tokens: {st.cached_tokens} of {st.prompt_tokens} ({100 * st.cache_hit_rate:.1f}%)")
+    print(f"    all prompt tokens: {all_cached} of {all_prompt} ({100 * all_rate:.1f}%)")
+    budget = 1000 * t_hf / n / 10
+    print(
+        f"  a 10x speed-up leaves {budget:.2f} ms per candidate for vLLM end to end; request handling alone takes "
+        f"{1000 * list(breakdown.values())[-1] / n:.2f}"
+    )
 
 
 if __name__ == "__main__":
