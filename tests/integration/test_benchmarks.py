@@ -1,0 +1,42 @@
+"""The benchmark scripts run end to end on small inputs and print the ratios and shares the README quotes (their
+numbers are not asserted: timings belong to the benchmarks, not to tests)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_bench(script: str, *args: str) -> str:
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=os.environ.copy(),
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r.stdout
+
+
+def test_discovery_benchmark_prints_both_paths_and_time_shares(model_cache):
+    out = run_bench("discovery.py", "n=4")
+    assert re.search(r"batched \(batch \d+\):\s+[\d.]+ queries/s", out), out
+    assert re.search(r"one query at a time:\s+[\d.]+ queries/s", out), out
+    assert re.search(r"mllm \d+%, sam \d+%", out), out
+
+
+def test_scoring_benchmark_prints_ratio_breakdown_and_prefix_share(model_cache):
+    out = run_bench("scoring.py", "queries=2", "k=3", "repeats=1")
+    assert "2 queries x K=3 = 6 candidates" in out, out
+    assert re.search(r"speed-up: [\d.]+x", out), out
+    assert re.search(r"image processing \(HF processor\): [\d.]+", out), out
+    # Two of each query's three prompts find its image-and-question prefix cached: (K-1)/K.
+    assert "image-and-question prefixes served from cache: 66.7%" in out, out
