@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Probe what a from-scratch tiny scorer can learn: train it in this process (no Ray) on a mask-scoring dataset
+(`rea2seg make-scoring-data` output) with the real training collate, and print the loss every 25 steps.
+
+`--labels` swaps the Yes/No targets for simpler ones, to tell "the model cannot see X" from "the model cannot combine
+X and Y":
+
+- real:         the dataset's labels (is this candidate what the question asks for?)
+- area:         is the candidate larger than the median candidate (image only)
+- question:     does the question name one of four colours (text only)
+- image-colour: is the candidate one of four colours (image only)
+- colour-match: does the candidate's colour match the colour the question names (text and image together)
+
+    python scripts/scorer_probe.py --data DIR [--labels real] [--steps 400] [--lr 1e-3] [--batch 32] [--n 8000] \
+        [train.init_range=0.06 scoring.render=overlay scoring.show_original=false ...]
+
+A loss that stays at ln 2 = 0.693 means the model answers the same whatever it is shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+
+import numpy as np
+import pyarrow.dataset as pads
+import torch
+from PIL import Image
+
+from rea2seg_ray.config import FinetuneConfig, load_config
+from rea2seg_ray.datasets.synthetic import COLOURS
+from rea2seg_ray.masks import decode_rle
+from rea2seg_ray.models.loading import resolve_model
+from rea2seg_ray.scoring.scorer import model_input_size_fn
+from rea2seg_ray.train.loop import ImageCache, collate, load_scorer_for_training
+
+FOUR = ("green", "red", "blue", "white")
+
+
+def candidate_colour(row: dict, names: list[str], palette: np.ndarray) -> str:
+    m = decode_rle(row["mask"])
+    img = np.asarray(Image.open(row["image_uri"]).convert("RGB"))
+    return names[int(np.argmin(((palette - img[m].mean(0)) ** 2).sum(1)))]
+
+
+def relabel(rows: list[dict], how: str) -> None:
+    if how == "real":
+        return
+    names = list(COLOURS)
+    palette = np.array([COLOURS[c] for c in names], float)
+    if how == "area":
+        areas = [int(decode_rle(r["mask"]).sum()) for r in rows]
+        med = float(np.median(areas))
+        for r, a in zip(rows, areas, strict=True):
+            r["label"] = "Yes" if a > med else "No"
+    elif how == "question":
+        for r in rows:
+            r["label"] = "Yes" if any(w in r["question"].split() for w in FOUR) else "No"
+    elif how in ("image-colour", "colour-match"):
+        for r in rows:
+            c = candidate_colour(r, names, palette)
+            if how == "image-colour":
+                r["label"] = "Yes" if c in FOUR else "No"
+            else:
+                named = [w for w in r["question"].replace("?", " ").split() if w in COLOURS]
+                r["label"] = "Yes" if named and named[0] == c else "No"
+    else:
+        raise SystemExit(f"unknown --labels {how!r}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--labels", default="real")
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--n", type=int, default=8000, help="examples used (the first N of the dataset)")
+    ap.add_argument("--seed", type=int, default=0)
+    a, overrides = ap.parse_known_args()
+    cfg = load_config(
+        FinetuneConfig,
+        None,
+        [f"data={a.data}", "output=unused", "train.reinit=true", "scoring.show_original=false", *overrides],
+    )
+    path = str(resolve_model(cfg.models.scorer, cfg.models.cache_dir or None, cfg.models.allow_hub))
+    torch.manual_seed(a.seed)
+    model, proc = load_scorer_for_training(path, cfg, "cpu")
+    rows = pads.dataset(a.data).to_table().slice(0, a.n).to_pylist()
+    relabel(rows, a.labels)
+    tok = proc.tokenizer
+    answer = {
+        "Yes": tok.encode(cfg.scoring.yes_token, add_special_tokens=False)[0],
+        "No": tok.encode(cfg.scoring.no_token, add_special_tokens=False)[0],
+    }
+    size_fn = model_input_size_fn(path) if cfg.scoring.image_max_side <= 0 else None
+    images = ImageCache(capacity=len(rows))
+    params = sum(p.numel() for p in model.parameters())
+    labels = collections.Counter(r["label"] for r in rows)
+    print(f"{params} parameters; {len(rows)} examples, labels {dict(labels)} ({a.labels})", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
+    rng = np.random.default_rng(a.seed)
+    model.train()
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    for step in range(1, a.steps + 1):
+        batch = [rows[i] for i in rng.choice(len(rows), size=min(a.batch, len(rows)), replace=False)]
+        inputs, target = collate(batch, proc, cfg.scoring, size_fn, images, answer)
+        loss = model(**inputs, labels=target).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if step % 25 == 0:
+            dt = time.perf_counter() - t0
+            print(
+                f"step {step} loss {np.mean(losses[-25:]):.4f} ({dt:.0f} s, {a.batch * step / dt:.0f} examples/s)",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
