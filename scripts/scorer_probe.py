@@ -79,6 +79,12 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--n", type=int, default=8000, help="examples used (the first N of the dataset)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--name-colour",
+        action="store_true",
+        help="auxiliary target: the answer is '<candidate colour>\\nYes|No' with the loss on every answer token "
+        "(the model names what it sees before it judges)",
+    )
     a, overrides = ap.parse_known_args()
     cfg = load_config(
         FinetuneConfig,
@@ -90,11 +96,23 @@ def main() -> int:
     model, proc = load_scorer_for_training(path, cfg, "cpu")
     rows = pads.dataset(a.data).to_table().slice(0, a.n).to_pylist()
     relabel(rows, a.labels)
+    if a.name_colour:
+        names = list(COLOURS)
+        palette = np.array([COLOURS[c] for c in names], float)
+        for r in rows:
+            r["label"] = f"{candidate_colour(r, names, palette)}\n{r['label']}"
     tok = proc.tokenizer
     answer = {
         "Yes": tok.encode(cfg.scoring.yes_token, add_special_tokens=False)[0],
         "No": tok.encode(cfg.scoring.no_token, add_special_tokens=False)[0],
     }
+    if a.name_colour:
+        # collate checks the last answer token sits where it expects; every "<colour>, Yes|No" ends in it.
+        yes_no = dict(answer)
+        answer = collections.defaultdict(int)
+        for r in rows:
+            answer[r["label"]] = yes_no[r["label"].rsplit("\n", 1)[-1]]
+        start = tok.encode("<|im_start|>assistant\n", add_special_tokens=False)
     size_fn = model_input_size_fn(path) if cfg.scoring.image_max_side <= 0 else None
     images = ImageCache(capacity=len(rows))
     params = sum(p.numel() for p in model.parameters())
@@ -108,12 +126,25 @@ def main() -> int:
     for step in range(1, a.steps + 1):
         batch = [rows[i] for i in rng.choice(len(rows), size=min(a.batch, len(rows)), replace=False)]
         inputs, target = collate(batch, proc, cfg.scoring, size_fn, images, answer)
-        loss = model(**inputs, labels=target).loss
+        yes_no_target = target
+        if a.name_colour:
+            # Loss on every answer token (colour name, newline, Yes/No); the Yes/No token's own loss is reported.
+            yn = int((target[0] != -100).nonzero()[0, 0])
+            ids = inputs["input_ids"]
+            target = torch.full_like(ids, -100)
+            for i, row in enumerate(ids.tolist()):
+                h = max(j for j in range(len(row) - len(start) + 1) if row[j : j + len(start)] == start)
+                target[i, h + len(start) : yn + 1] = ids[i, h + len(start) : yn + 1]
+        out = model(**inputs, labels=target)
+        loss = out.loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        with torch.no_grad():  # the Yes/No token's loss alone (what the scorer's score depends on)
+            pos = int((yes_no_target[0] != -100).nonzero()[0, 0])
+            logp = torch.log_softmax(out.logits[:, pos - 1].float(), -1)
+            losses.append(float(-logp.gather(1, yes_no_target[:, pos : pos + 1]).mean()))
         if step % 25 == 0:
             dt = time.perf_counter() - t0
             print(
