@@ -63,8 +63,10 @@ def with_retries(fn: Callable[[], T], what: str, retries: int = RETRIES) -> T:
         except (FileNotFoundError, IsADirectoryError, PermissionError):
             raise
         except OSError as e:
-            if attempt == retries or not _transient(e):
+            if not _transient(e):
                 raise
+            if attempt == retries:
+                raise OSError(f"{what}: still failing after {retries + 1} attempts: {e}") from e
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
