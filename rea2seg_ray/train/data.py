@@ -102,17 +102,13 @@ def label_batch(
 def build_scoring_data(cfg) -> dict:
     """Run the Ray Data job for ``MakeScoringDataConfig``; returns counts."""
     import ray
-    from omegaconf import OmegaConf
 
     from .. import storage
     from ..config import SegmentConfig
     from ..datasets import read_queries
-    from ..pipeline.graph import init_ray
-    from ..pipeline.stages import DiscoverStage, decode_batch, group_by_image
+    from ..pipeline.graph import discovered_dataset, init_ray, worker_env
 
-    existing = (
-        [f for f in storage.list_files(cfg.output, recursive=True)] if storage.exists(cfg.output) else []
-    )
+    existing = storage.list_files(cfg.output, recursive=True) if storage.exists(cfg.output) else []
     if any(f.endswith(".parquet") for f in existing):
         raise FileExistsError(f"{cfg.output} already holds Parquet files: choose a new output folder")
     queries = list(read_queries(cfg.input, format=cfg.format, texts=cfg.texts, limit=cfg.limit, strict=False))
@@ -125,26 +121,7 @@ def build_scoring_data(cfg) -> dict:
     )
     init_ray(seg)
     ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
-    seg_dict = OmegaConf.to_container(OmegaConf.structured(seg))
-    dp = cfg.discover_pool
-    ds = ray.data.from_items(group_by_image(queries), override_num_blocks=max(1, min(len(queries), 200)))
-    ds = ds.map_batches(
-        decode_batch,
-        batch_format="pyarrow",
-        batch_size=4,
-        fn_kwargs={"max_side": cfg.max_image_side},
-        num_cpus=0.25,
-    )
-    ds = ds.map_batches(
-        DiscoverStage,
-        fn_constructor_kwargs={"cfg": seg_dict},
-        batch_format="pyarrow",
-        batch_size=dp.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=dp.size),
-        num_cpus=dp.num_cpus,
-        num_gpus=dp.num_gpus or None,
-        resources=dict(dp.resources) or None,
-    )
+    ds = discovered_dataset(seg, queries, worker_env())
     ds = ds.map_batches(label_batch, batch_format="pyarrow", batch_size=16, num_cpus=0.25, fn_kwargs=dict(
         pos_iou=cfg.pos_iou, neg_iou=cfg.neg_iou, max_neg_per_pos=cfg.max_neg_per_pos,
         keep_without_positive=cfg.keep_without_positive, seed=cfg.seed))  # fmt: skip
