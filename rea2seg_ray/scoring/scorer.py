@@ -87,10 +87,7 @@ class Scorer:
         else:
             raise ValueError(f"scoring.backend must be vllm or hf, not {cfg.backend!r}")
         tok = self.backend.tokenizer
-        self.yes_id, self.no_id = (
-            self._single_token(tok, cfg.yes_token),
-            self._single_token(tok, cfg.no_token),
-        )
+        self.yes_id, self.no_id = single_token_id(tok, cfg.yes_token), single_token_id(tok, cfg.no_token)
         self.processor = _ChatFormatter(tok)
         self.input_size = model_input_size_fn(path) if cfg.image_max_side <= 0 else None
         self.timings: dict[str, float] = defaultdict(float)
@@ -105,15 +102,6 @@ class Scorer:
         cands = [Candidate(mask=encode_rle(m), bbox=mask_bbox(m), area=int(m.sum())) for m in masks]
         self.score([Query("warmup", "warmup", "warm up")], [image], [cands])
         self.timings.clear()
-
-    @staticmethod
-    def _single_token(tok, text: str) -> int:
-        ids = tok.encode(text, add_special_tokens=False)
-        if len(ids) != 1:
-            raise ValueError(
-                f"scorer answer word {text!r} is {len(ids)} tokens for this tokenizer; it must be one"
-            )
-        return ids[0]
 
     def score(
         self, queries: list[Query], images: list[np.ndarray], candidates: list[list[Candidate]]
@@ -241,6 +229,16 @@ class Scorer:
                 scores.append(float("nan"))
                 notes.append(f"unparseable answer: {e}")
         return scores, notes
+
+
+def single_token_id(tok, text: str) -> int:
+    """The id of a scorer answer word (Yes / No), which must be exactly one token: its logit is the score."""
+    ids = tok.encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(
+            f"scorer answer word {text!r} is {len(ids)} tokens for this tokenizer; it must be one"
+        )
+    return ids[0]
 
 
 def model_input_size_fn(model_dir):

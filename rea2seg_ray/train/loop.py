@@ -80,9 +80,11 @@ def collate(
 def load_scorer_for_training(model_path: str, cfg: FinetuneConfig, device: str):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from ..models.loading import default_dtype
+
     processor = AutoProcessor.from_pretrained(model_path)
     processor.tokenizer.padding_side = "left"
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = default_dtype(device)
     if cfg.train.reinit:
         from transformers import AutoConfig
 
@@ -118,6 +120,23 @@ def lr_lambda(step: int, warmup: int, total: int) -> float:
         return (step + 1) / max(1, warmup)
     frac = min(1.0, (step - warmup) / max(1, total - warmup))
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def answer_token_ids(tok, scfg) -> dict[str, int]:
+    """Label -> the token the scorer reads for it (``scoring.yes_token`` / ``no_token``, one token each)."""
+    from ..scoring.scorer import single_token_id
+
+    return {"Yes": single_token_id(tok, scfg.yes_token), "No": single_token_id(tok, scfg.no_token)}
+
+
+def load_trainable_state(model, state: dict, lora: bool) -> None:
+    """Put a ``_trainable_state`` back: the LoRA adapters, or the whole model."""
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, state)
+    else:
+        model.load_state_dict(state)
 
 
 def _trainable_state(model, lora: bool) -> dict:
@@ -156,11 +175,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(tc.seed + rank)
     device = str(ray.train.torch.get_device())
     model, processor = load_scorer_for_training(config["model_path"], cfg, device)
-    tok = processor.tokenizer
-    answer_ids = {
-        w: tok.encode(w, add_special_tokens=False)[0] for w in (cfg.scoring.yes_token, cfg.scoring.no_token)
-    }
-    answer_ids = {"Yes": answer_ids[cfg.scoring.yes_token], "No": answer_ids[cfg.scoring.no_token]}
+    answer_ids = answer_token_ids(processor.tokenizer, cfg.scoring)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, tc.warmup_steps, tc.max_steps))
@@ -169,13 +184,7 @@ def train_loop_per_worker(config: dict) -> None:
     if ckpt:
         with ckpt.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-        target = model
-        if tc.lora:
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(target, state["model"])
-        else:
-            target.load_state_dict(state["model"])
+        load_trainable_state(model, state["model"], tc.lora)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step = int(state["step"])

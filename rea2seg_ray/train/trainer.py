@@ -15,7 +15,7 @@ import torch
 
 from .. import storage
 from ..config import FinetuneConfig
-from .loop import STATE_FILE, load_scorer_for_training, train_loop_per_worker
+from .loop import STATE_FILE, load_scorer_for_training, load_trainable_state, train_loop_per_worker
 
 
 def _run_config(cfg: FinetuneConfig):
@@ -80,13 +80,9 @@ def export(cfg: FinetuneConfig, model_path: str, checkpoint, dest: str) -> str:
     with checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
     model, processor = load_scorer_for_training(model_path, cfg, "cpu")
+    load_trainable_state(model, state["model"], cfg.train.lora)
     if cfg.train.lora:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, state["model"])
         model = model.merge_and_unload()
-    else:
-        model.load_state_dict(state["model"])
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "export"
         model.eval().save_pretrained(out, safe_serialization=True)
