@@ -27,29 +27,31 @@ import time
 import numpy as np
 import pyarrow.dataset as pads
 import torch
-from PIL import Image
 
 from rea2seg_ray.config import FinetuneConfig, load_config
 from rea2seg_ray.datasets.synthetic import COLOURS
 from rea2seg_ray.masks import decode_rle
 from rea2seg_ray.models.loading import resolve_model
 from rea2seg_ray.scoring.scorer import model_input_size_fn
-from rea2seg_ray.train.loop import ImageCache, collate, load_scorer_for_training
+from rea2seg_ray.train.loop import ImageCache, answer_token_ids, collate, load_scorer_for_training
 
 FOUR = ("green", "red", "blue", "white")
 
 
-def candidate_colour(row: dict, names: list[str], palette: np.ndarray) -> str:
+NAMES = list(COLOURS)
+PALETTE = np.array([COLOURS[c] for c in NAMES], float)
+
+
+def candidate_colour(row: dict, images: ImageCache) -> str:
+    """The scene colour nearest to the candidate's mean pixel (images decoded once, shared with training)."""
     m = decode_rle(row["mask"])
-    img = np.asarray(Image.open(row["image_uri"]).convert("RGB"))
-    return names[int(np.argmin(((palette - img[m].mean(0)) ** 2).sum(1)))]
+    img = images.get(row["image_uri"])
+    return NAMES[int(np.argmin(((PALETTE - img[m].mean(0)) ** 2).sum(1)))]
 
 
-def relabel(rows: list[dict], how: str) -> None:
+def relabel(rows: list[dict], how: str, images: ImageCache) -> None:
     if how == "real":
         return
-    names = list(COLOURS)
-    palette = np.array([COLOURS[c] for c in names], float)
     if how == "area":
         areas = [int(decode_rle(r["mask"]).sum()) for r in rows]
         med = float(np.median(areas))
@@ -60,7 +62,7 @@ def relabel(rows: list[dict], how: str) -> None:
             r["label"] = "Yes" if any(w in r["question"].split() for w in FOUR) else "No"
     elif how in ("image-colour", "colour-match"):
         for r in rows:
-            c = candidate_colour(r, names, palette)
+            c = candidate_colour(r, images)
             if how == "image-colour":
                 r["label"] = "Yes" if c in FOUR else "No"
             else:
@@ -95,26 +97,18 @@ def main() -> int:
     torch.manual_seed(a.seed)
     model, proc = load_scorer_for_training(path, cfg, "cpu")
     rows = pads.dataset(a.data).to_table().slice(0, a.n).to_pylist()
-    relabel(rows, a.labels)
-    if a.name_colour:
-        names = list(COLOURS)
-        palette = np.array([COLOURS[c] for c in names], float)
-        for r in rows:
-            r["label"] = f"{candidate_colour(r, names, palette)}\n{r['label']}"
+    images = ImageCache(capacity=len(rows))
+    relabel(rows, a.labels, images)
     tok = proc.tokenizer
-    answer = {
-        "Yes": tok.encode(cfg.scoring.yes_token, add_special_tokens=False)[0],
-        "No": tok.encode(cfg.scoring.no_token, add_special_tokens=False)[0],
-    }
+    answer = answer_token_ids(tok, cfg.scoring)
     if a.name_colour:
-        # collate checks the last answer token sits where it expects; every "<colour>, Yes|No" ends in it.
-        yes_no = dict(answer)
-        answer = collections.defaultdict(int)
+        # collate checks that each row's last answer token is the one its label maps to: "<colour>\nYes" -> Yes.
         for r in rows:
-            answer[r["label"]] = yes_no[r["label"].rsplit("\n", 1)[-1]]
+            yes_no = r["label"]
+            r["label"] = f"{candidate_colour(r, images)}\n{yes_no}"
+            answer[r["label"]] = answer[yes_no]
         start = tok.encode("<|im_start|>assistant\n", add_special_tokens=False)
     size_fn = model_input_size_fn(path) if cfg.scoring.image_max_side <= 0 else None
-    images = ImageCache(capacity=len(rows))
     params = sum(p.numel() for p in model.parameters())
     labels = collections.Counter(r["label"] for r in rows)
     print(f"{params} parameters; {len(rows)} examples, labels {dict(labels)} ({a.labels})", flush=True)
