@@ -142,15 +142,20 @@ class VLLMBackend:
         return scores
 
     def generate(
-        self, requests: list[ScoreRequest], max_tokens: int, json_schema: dict | None = None
+        self,
+        requests: list[ScoreRequest],
+        max_tokens: int,
+        json_schema: dict | None = None,
+        stop: list[str] | None = None,
     ) -> list[str]:
+        """Greedy text; ``stop``: strings that end the text (left out of it)."""
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
         if not requests:
             return []
         so = StructuredOutputsParams(json=json_schema) if json_schema else None
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, structured_outputs=so)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, structured_outputs=so, stop=stop)
         return [o.outputs[0].text for o in self._run(requests, params)]
 
 
@@ -198,15 +203,23 @@ class HFBackend:
 
     @torch.no_grad()
     def generate(
-        self, requests: list[ScoreRequest], max_tokens: int, json_schema: dict | None = None
+        self,
+        requests: list[ScoreRequest],
+        max_tokens: int,
+        json_schema: dict | None = None,
+        stop: list[str] | None = None,
     ) -> list[str]:
+        """Greedy text; ``stop``: strings that end the text (left out of it, as vLLM does)."""
         # transformers has no grammar-constrained decoding here: answers are parsed, and a malformed one becomes a
         # per-candidate error value.
         texts: list[str] = []
+        extra = dict(stop_strings=stop, tokenizer=self.tokenizer) if stop else {}
         for i in range(0, len(requests), self.batch_size):
             inputs = self._encode(requests[i : i + self.batch_size])
-            out = self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+            out = self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, **extra)
             texts += self.processor.batch_decode(
                 out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
             )
+        for s in stop or []:
+            texts = [t[: t.find(s)] if s in t else t for t in texts]
         return texts

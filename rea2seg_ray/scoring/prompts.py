@@ -24,7 +24,13 @@ TEMPLATES = {
     'from 0 to 1 for how well it answers the question. Reply with JSON {{"scores": [s1, ..., s{k}]}}.',
     "think": "First think step by step about what the question asks for and whether the region matches it.",
     "final_yesno": "\nSo, is the highlighted region the object the question asks for? Answer Yes or No.\n",
+    # Training-data reasoning for a candidate that carries a description (e.g. a given candidate's name).
+    "describe": "The highlighted region is the {description}.",
 }
+# Reasoning ends where the final question begins: a model trained on `with_final_question` texts writes that
+# question itself, and generation stops there (the scorer appends the exact text before reading Yes/No).
+REASONING_STOP = "\nSo, is the highlighted region"
+assert TEMPLATES["final_yesno"].startswith(REASONING_STOP)
 
 NUMERIC_SCHEMA = {
     "type": "object",
@@ -75,6 +81,12 @@ def candidate_messages(
         {"type": "image"},
     ]
     return [{"role": "user", "content": content if show_original else content[1:]}]
+
+
+def with_final_question(reasoning: str) -> str:
+    """Reasoning text (generated or from training data) + the final Yes/No question: the assistant turn up to the
+    answer token. Scoring and fine-tuning both build it here, so the model reads the answer after the same text."""
+    return reasoning.rstrip() + TEMPLATES["final_yesno"]
 
 
 def comparative_messages(question: str, k: int) -> list[dict]:

@@ -19,7 +19,7 @@ from ..records import Candidate, Query
 from .backends import HFBackend, ScoreRequest, VLLMBackend, image_key
 from .prompts import (
     NUMERIC_SCHEMA,
-    TEMPLATES,
+    REASONING_STOP,
     AnswerError,
     candidate_messages,
     comparative_messages,
@@ -27,6 +27,7 @@ from .prompts import (
     parse_comparative,
     parse_numeric,
     render_chat,
+    with_final_question,
 )
 from .render import render_query
 
@@ -212,9 +213,9 @@ class Scorer:
             return scores, notes
         reasoning = [""] * len(requests)
         if cfg.reasoning:
-            reasoning = be.generate(requests, cfg.max_reasoning_tokens)
+            reasoning = be.generate(requests, cfg.max_reasoning_tokens, stop=[REASONING_STOP])
             requests = [
-                ScoreRequest(r.prompt + t + TEMPLATES["final_yesno"], r.images, r.image_keys)
+                ScoreRequest(r.prompt + with_final_question(t), r.images, r.image_keys)
                 for r, t in zip(requests, reasoning, strict=True)
             ]
         if cfg.answer == "yesno":

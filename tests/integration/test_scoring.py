@@ -106,15 +106,29 @@ def test_malformed_structured_answer_is_a_per_candidate_error_value(vllm_scorer,
         assert all((0.0 <= c.score <= 1.0) or math.isnan(c.score) for c in r)
 
 
-def test_reasoning_mode_keeps_the_thought_and_scores(hf_scorer, inputs):
+@pytest.mark.parametrize("which", ["vllm", "hf"])
+def test_reasoning_mode_keeps_the_thought_and_scores(vllm_scorer, hf_scorer, inputs, which):
     qs, images, cands = inputs
     s = Scorer(
-        ScoringConfig(backend="hf", reasoning=True, max_reasoning_tokens=6),
+        ScoringConfig(backend=which, reasoning=True, max_reasoning_tokens=6),
         ModelsConfig(),
-        backend=hf_scorer.backend,
+        backend=(vllm_scorer if which == "vllm" else hf_scorer).backend,
     )
     (r,) = s.score(qs[:1], images[:1], copy.deepcopy(cands[:1]))
     assert all(0.0 <= c.score <= 1.0 and c.reasoning for c in r)
+
+
+@pytest.mark.parametrize("which", ["vllm", "hf"])
+def test_generation_ends_before_a_stop_string(vllm_scorer, hf_scorer, inputs, which):
+    """Reasoning stops where a trained scorer starts the final question; both backends cut there, the same way."""
+    qs, images, cands = inputs
+    be = (vllm_scorer if which == "vllm" else hf_scorer).backend
+    reqs = vllm_scorer.build_requests(qs[:1], images[:1], copy.deepcopy(cands[:1])).requests[:2]
+    for req, text in zip(reqs, be.generate(reqs, 24), strict=True):
+        stop = text[len(text) // 2 : len(text) // 2 + 3]  # (an untrained model may well write only spaces)
+        assert len(stop) == 3, text
+        (cut,) = be.generate([req], 24, stop=[stop])
+        assert cut == text[: text.find(stop)] and len(cut) < len(text)
 
 
 def test_bad_config_is_clear(model_cache):
