@@ -68,6 +68,15 @@ def _to_query(row: dict, base: str, where: str) -> Query:
     text = question or "\n".join(str(t.get("content", "")) for t in conversation or [])
     qid = row.get("query_id") or make_query_id(image, text)
     gt_json = row.get("gt_json")
+    names = row.get("candidate_descriptions")
+    if names is not None and (
+        not isinstance(names, list)
+        or not all(isinstance(n, str | None) for n in names)
+        or len(names) != len(row.get("candidates") or [])
+    ):
+        raise DatasetError(
+            f"{where}: 'candidate_descriptions' must be a list of strings, one per entry of 'candidates'"
+        )
     return Query(
         query_id=str(qid),
         image=image_uri,

@@ -1,6 +1,7 @@
 """Mask-scoring data: annotated queries + candidates -> one example per (query, candidate) with its IoU to the
-ground truth and a Yes/No label (ambiguous middle band dropped; negatives balanced per query). Built with Ray Data,
-reusing the pipeline's decode and discovery stages, written as Parquet.
+ground truth, a Yes/No label (ambiguous middle band dropped; negatives balanced per query) and the reasoning to
+train on (the query's chain of thought, then what the candidate is when the manifest describes its given
+candidates). Built with Ray Data, reusing the pipeline's decode and discovery stages, written as Parquet.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from ..datasets import gt_mask_from_annotation, load_annotation
 from ..masks import decode_rle, intersection_union, iou_from_iu
 from ..pipeline.stages import _to_original
 from ..records import MASK_TYPE, Candidate, Query
+from ..scoring.prompts import TEMPLATES
 
 EXAMPLE_SCHEMA = pa.schema(
     [
@@ -62,6 +64,37 @@ def balance(
     return pos + [neg[i] for i in order[:n]]
 
 
+def _described(q: Query, shape: tuple[int, int]) -> list[tuple[np.ndarray, str]]:
+    """The query's given candidates that carry a description (manifest ``candidate_descriptions``), as masks."""
+    names = q.meta.get("candidate_descriptions") or []
+    out = []
+    for rle, name in zip(q.candidates or [], names, strict=False):
+        m = decode_rle(rle)
+        if name and m.shape == shape:
+            out.append((m, str(name)))
+    return out
+
+
+def _description(mask: np.ndarray, described: list[tuple[np.ndarray, str]], min_iou: float) -> str:
+    """The description of the given candidate this mask is (best IoU, at least ``min_iou``: the same bar that makes
+    a candidate count as the ground truth), or ""."""
+    best, name = min_iou, ""
+    for m, n in described:
+        iou = iou_from_iu(*intersection_union(mask, m))
+        if iou >= best:
+            best, name = iou, n
+    return name
+
+
+def example_reasoning(q: Query, description: str) -> str:
+    """The reasoning a scorer is trained to write for one candidate: the query's own (``reasoning`` / ``cot``),
+    then what the highlighted region is, when the candidate has a description."""
+    parts = [str(q.meta.get("reasoning") or q.meta.get("cot") or "").strip()]
+    if description:
+        parts.append(TEMPLATES["describe"].format(description=description))
+    return " ".join(p for p in parts if p)
+
+
 def label_batch(
     batch: pa.Table,
     pos_iou: float,
@@ -84,16 +117,18 @@ def label_batch(
         else:
             continue
         examples = []
+        described = _described(q, shape)
         for k, c in enumerate(json.loads(r["candidates_json"])):
             cand = _to_original(Candidate.from_row(c), shape)
-            iou = iou_from_iu(*intersection_union(decode_rle(cand.mask), gt))
+            m = decode_rle(cand.mask)
+            iou = iou_from_iu(*intersection_union(m, gt))
             lab = label_for(iou, pos_iou, neg_iou)
             if lab is None:
                 continue
             examples.append({
                 "example_id": f"{q.query_id}#{k}", "query_id": q.query_id, "image_uri": q.image, "question": q.text(),
                 "category": q.category, "mask": cand.mask, "source": cand.source, "iou": iou, "label": lab,
-                "reasoning": str(q.meta.get("reasoning") or q.meta.get("cot") or ""),
+                "reasoning": example_reasoning(q, _description(m, described, pos_iou)),
             })  # fmt: skip
         out += balance(examples, max_neg_per_pos, keep_without_positive, _rng(q.query_id, seed))
     return pa.Table.from_pylist(out, schema=EXAMPLE_SCHEMA)

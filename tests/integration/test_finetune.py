@@ -47,6 +47,9 @@ def test_make_scoring_data_labels_and_balances(scoring_data):
     rows = pads.dataset(str(root / "data"), format="parquet").to_table().to_pylist()
     for r in rows:
         assert (r["label"] == "Yes") == (r["iou"] >= 0.7) and (r["iou"] >= 0.7 or r["iou"] <= 0.3)
+        # The scenes describe their shapes: each example says what its candidate is; a target is what was asked.
+        said = r["reasoning"].removeprefix("The highlighted region is the ").removesuffix(".")
+        assert said != r["reasoning"] and (said in r["question"]) == (r["label"] == "Yes"), r
     with pytest.raises(FileExistsError):
         build_scoring_data(
             load_config(

@@ -117,3 +117,21 @@ def test_parquet_manifest(tmp_path):
     )
     (q,) = list(read_queries(str(tmp_path / "m.parquet")))
     assert (q.query_id, q.image) == ("p1", str(tmp_path / "a.jpg"))
+
+
+def test_candidate_descriptions_must_match_the_candidates(tmp_path):
+    Image.new("RGB", (10, 8)).save(tmp_path / "a.jpg")
+    rle = {"size": [8, 10], "counts": "P1"}
+    rows = [
+        {"query_id": "ok", "image": "a.jpg", "question": "q", "candidates": [rle], "candidate_descriptions": ["red bar"]},
+        {"query_id": "short", "image": "a.jpg", "question": "q", "candidates": [rle, rle], "candidate_descriptions": ["x"]},
+    ]  # fmt: skip
+    m = tmp_path / "m.jsonl"
+    m.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(
+        DatasetError, match=r"m\.jsonl row 2: 'candidate_descriptions' must be a list of strings, one per"
+    ):
+        list(read_queries(str(m)))
+    ok, bad = read_queries(str(m), strict=False)
+    assert ok.meta["candidate_descriptions"] == ["red bar"]
+    assert bad.query_id == "short" and "candidate_descriptions" in bad.meta["error"]
