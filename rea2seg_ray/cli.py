@@ -104,9 +104,15 @@ def cmd_finetune(cfg) -> int:
     from .train.trainer import run_finetune
 
     out = run_finetune(cfg)
-    print(f"[rea2seg] trained to step {out['step']} (loss {out['loss']}); checkpoint: {out['checkpoint']}")
+    print(
+        f"[rea2seg] trained to step {out['step']} (loss {out['loss']:.4f}, Yes/No token {out['answer_loss']:.4f}); "
+        f"checkpoint: {out['checkpoint']}"
+    )
     print(f"[rea2seg] exported scorer: {out['export']}")
-    print(f"[rea2seg] use it with: rea2seg segment models.scorer={out['export']}")
+    same = " ".join(
+        f"scoring.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in out["serve_with"].items()
+    )
+    print(f"[rea2seg] use it with: rea2seg segment models.scorer={out['export']} {same}".rstrip())
     return 0
 
 

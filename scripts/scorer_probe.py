@@ -14,7 +14,9 @@ X and Y":
     python scripts/scorer_probe.py --data DIR [--labels real] [--steps 400] [--lr 1e-3] [--batch 32] [--n 8000] \
         [train.init_range=0.06 scoring.render=overlay scoring.show_original=false ...]
 
-A loss that stays at ln 2 = 0.693 means the model answers the same whatever it is shown.
+`scoring.reasoning=true` trains as the proving ground does: the model first writes the example's reasoning (what
+the highlighted region is, from the scenes' candidate descriptions), then answers. The loss printed is always the
+Yes/No token's own. A loss that stays at ln 2 = 0.693 means the model answers the same whatever it is shown.
 """
 
 from __future__ import annotations
@@ -33,7 +35,13 @@ from rea2seg_ray.datasets.synthetic import COLOURS
 from rea2seg_ray.masks import decode_rle
 from rea2seg_ray.models.loading import resolve_model
 from rea2seg_ray.scoring.scorer import model_input_size_fn
-from rea2seg_ray.train.loop import ImageCache, answer_token_ids, collate, load_scorer_for_training
+from rea2seg_ray.train.loop import (
+    ImageCache,
+    answer_loss,
+    answer_token_ids,
+    collate,
+    load_scorer_for_training,
+)
 
 FOUR = ("green", "red", "blue", "white")
 
@@ -81,12 +89,6 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--n", type=int, default=8000, help="examples used (the first N of the dataset)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument(
-        "--name-colour",
-        action="store_true",
-        help="auxiliary target: the answer is '<candidate colour>\\nYes|No' with the loss on every answer token "
-        "(the model names what it sees before it judges)",
-    )
     a, overrides = ap.parse_known_args()
     cfg = load_config(
         FinetuneConfig,
@@ -101,13 +103,6 @@ def main() -> int:
     relabel(rows, a.labels, images)
     tok = proc.tokenizer
     answer = answer_token_ids(tok, cfg.scoring)
-    if a.name_colour:
-        # collate checks that each row's last answer token is the one its label maps to: "<colour>\nYes" -> Yes.
-        for r in rows:
-            yes_no = r["label"]
-            r["label"] = f"{candidate_colour(r, images)}\n{yes_no}"
-            answer[r["label"]] = answer[yes_no]
-        start = tok.encode("<|im_start|>assistant\n", add_special_tokens=False)
     size_fn = model_input_size_fn(path) if cfg.scoring.image_max_side <= 0 else None
     params = sum(p.numel() for p in model.parameters())
     labels = collections.Counter(r["label"] for r in rows)
@@ -120,25 +115,12 @@ def main() -> int:
     for step in range(1, a.steps + 1):
         batch = [rows[i] for i in rng.choice(len(rows), size=min(a.batch, len(rows)), replace=False)]
         inputs, target = collate(batch, proc, cfg.scoring, size_fn, images, answer)
-        yes_no_target = target
-        if a.name_colour:
-            # Loss on every answer token (colour name, newline, Yes/No); the Yes/No token's own loss is reported.
-            yn = int((target[0] != -100).nonzero()[0, 0])
-            ids = inputs["input_ids"]
-            target = torch.full_like(ids, -100)
-            for i, row in enumerate(ids.tolist()):
-                h = max(j for j in range(len(row) - len(start) + 1) if row[j : j + len(start)] == start)
-                target[i, h + len(start) : yn + 1] = ids[i, h + len(start) : yn + 1]
         out = model(**inputs, labels=target)
-        loss = out.loss
-        loss.backward()
+        out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        with torch.no_grad():  # the Yes/No token's loss alone (what the scorer's score depends on)
-            pos = int((yes_no_target[0] != -100).nonzero()[0, 0])
-            logp = torch.log_softmax(out.logits[:, pos - 1].float(), -1)
-            losses.append(float(-logp.gather(1, yes_no_target[:, pos : pos + 1]).mean()))
+        losses.append(answer_loss(out.logits, target))  # the Yes/No token's own (what the score reads)
         if step % 25 == 0:
             dt = time.perf_counter() - t0
             print(

@@ -1,5 +1,5 @@
 """The per-worker training loop: examples -> the scorer's own prompts (shared code with scoring) -> loss on the
-answer token only. Plain functions (``collate``, ``load_scorer_for_training``) are testable without Ray; the loop
+answer token (with ``scoring.reasoning``: on the whole assistant turn, reasoning included). Plain functions (``collate``, ``load_scorer_for_training``) are testable without Ray; the loop
 itself runs inside Ray Train workers.
 """
 
@@ -17,7 +17,7 @@ import torch
 
 from ..config import FinetuneConfig
 from ..pipeline.decode import decode, fetch
-from ..scoring.prompts import candidate_messages, render_chat
+from ..scoring.prompts import candidate_messages, render_chat, with_final_question
 from ..scoring.render import render_query
 
 STATE_FILE = "train_state.pt"
@@ -45,7 +45,11 @@ def collate(
     examples: list[dict], processor, scfg, input_size, images: ImageCache, answer_ids: dict[str, int]
 ):
     """Examples -> (model inputs, labels). Each example is the exact prompt the scorer sees, followed by its
-    answer; labels are -100 except at the answer token (the one position whose logits the scorer reads)."""
+    answer; labels are -100 except at the answer token (the one position whose logits the scorer reads).
+
+    With ``scoring.reasoning`` the prompt asks the model to think first, as the scorer does, and the assistant turn
+    is the example's reasoning, the final Yes/No question and the answer; the loss covers that whole turn, so the
+    model learns to write the reasoning it will be served with and to answer after it."""
     texts, pics = [], []
     for e in examples:
         img = images.get(e["image_uri"])
@@ -60,9 +64,10 @@ def collate(
             size,
         )
         msgs = candidate_messages(
-            e["question"], scfg.render, "yesno", False, scfg.overlay_style, scfg.show_original
+            e["question"], scfg.render, "yesno", scfg.reasoning, scfg.overlay_style, scfg.show_original
         )
-        texts.append(render_chat(processor, msgs, answer=e["label"]))
+        turn = with_final_question(e.get("reasoning") or "") if scfg.reasoning else ""
+        texts.append(render_chat(processor, msgs, answer=turn + e["label"]))
         pics += [base, cand] if scfg.show_original else [cand]
     inputs = processor(text=texts, images=pics, return_tensors="pt", padding=True)
     ids = inputs["input_ids"]
@@ -74,7 +79,24 @@ def collate(
     if not torch.equal(ids[:, pos], want):
         raise ValueError("answer token not where expected: is the tokenizer padding on the left?")
     labels[:, pos] = want
+    if scfg.reasoning:
+        # The assistant turn starts after the last "<|im_start|>assistant" (left padding keeps it per row).
+        start_id = processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
+        header = 1 + len(processor.tokenizer.encode("assistant", add_special_tokens=False))
+        for i, row in enumerate(ids.tolist()):
+            h = len(row) - 1 - row[::-1].index(start_id)
+            labels[i, h + header : pos] = ids[i, h + header : pos]
     return dict(inputs), labels
+
+
+@torch.no_grad()
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Cross-entropy of the Yes/No token alone: the last labelled position of every row (the same column for all,
+    see ``collate``); ln 2 = 0.693 is a constant guess."""
+    pos = int((labels[0] != -100).nonzero()[-1, 0])
+    return float(
+        torch.nn.functional.cross_entropy(logits[:, pos - 1].float(), labels[:, pos].to(logits.device))
+    )
 
 
 def load_scorer_for_training(model_path: str, cfg: FinetuneConfig, device: str):
@@ -195,6 +217,9 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     model.train()
     losses: list[float] = []
+    answer_losses: list[
+        float
+    ] = []  # the Yes/No token's alone (what the score reads; with reasoning, part of loss)
     upload = (
         ray.train.CheckpointUploadMode.ASYNC
         if device.startswith("cuda")
@@ -216,9 +241,10 @@ def train_loop_per_worker(config: dict) -> None:
                 batch.to_pylist(), processor, cfg.scoring, input_size, images, answer_ids
             )
             inputs = {k: v.to(device) for k, v in inputs.items()}
-            loss = model(**inputs, labels=labels.to(device)).loss
-            (loss / tc.grad_accum).backward()
-            losses.append(float(loss.detach()))
+            out = model(**inputs, labels=labels.to(device))
+            (out.loss / tc.grad_accum).backward()
+            losses.append(float(out.loss.detach()))
+            answer_losses.append(answer_loss(out.logits, labels))
             micro += 1
             if micro % tc.grad_accum:
                 continue
@@ -234,8 +260,9 @@ def train_loop_per_worker(config: dict) -> None:
                     "start_step": start_step,
                     "lr": sched.get_last_lr()[0],
                     "loss": float(np.mean(losses)) if losses else float("nan"),
+                    "answer_loss": float(np.mean(answer_losses)) if answer_losses else float("nan"),
                 }
-                losses = []
+                losses, answer_losses = [], []
                 if step % tc.checkpoint_every == 0 or last:
                     with tempfile.TemporaryDirectory() as d:
                         if rank == 0:

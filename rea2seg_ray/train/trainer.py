@@ -68,10 +68,25 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     return {
         "checkpoint": result.checkpoint.path,
         "export": export_dir,
+        "serve_with": serving_overrides(cfg),
         "step": metrics.get("step"),
         "start_step": metrics.get("start_step"),
         "loss": metrics.get("loss"),
+        "answer_loss": metrics.get("answer_loss"),
     }
+
+
+def serving_overrides(cfg: FinetuneConfig) -> dict:
+    """The prompt settings the scorer was trained with that differ from ``rea2seg segment``'s defaults: serve it
+    with the same ones."""
+    from dataclasses import asdict
+
+    from ..config import ScoringConfig
+
+    keys = ("render", "overlay_style", "show_original", "reasoning", "image_max_side", "crop_margin",
+            "yes_token", "no_token")  # fmt: skip
+    base, used = asdict(ScoringConfig()), asdict(cfg.scoring)
+    return {k: used[k] for k in keys if used[k] != base[k]}
 
 
 def export(cfg: FinetuneConfig, model_path: str, checkpoint, dest: str) -> str:
@@ -92,8 +107,9 @@ def export(cfg: FinetuneConfig, model_path: str, checkpoint, dest: str) -> str:
         if gen.exists():
             shutil.copy(gen, out / "generation_config.json")
         (out / "rea2seg_export.json").write_text(
-            json.dumps({"base": cfg.models.scorer, "step": int(state["step"]), "lora": cfg.train.lora})
-        )
+            json.dumps({"base": cfg.models.scorer, "step": int(state["step"]), "lora": cfg.train.lora,
+                        "scoring": serving_overrides(cfg)})
+        )  # fmt: skip
         if storage.is_remote(dest):
             for f in sorted(out.iterdir()):
                 storage.write_bytes(storage.join(dest, f.name), f.read_bytes())

@@ -71,3 +71,98 @@ def test_collate_puts_the_only_label_on_the_answer_token(model_cache, label):
     assert (labels != -100).sum() == 2  # one answer token per example, whatever the prompt lengths
     assert set(labels[labels != -100].tolist()) == {ids[label]}
     assert inputs["input_ids"].shape == labels.shape
+
+
+def _sample_examples(n, **extra):
+    from rea2seg_ray.datasets import SAMPLE_SCENES, read_queries
+
+    qs = list(read_queries(str(SAMPLE_SCENES / "manifest.jsonl")))[:n]
+    return [{"image_uri": q.image, "mask": q.candidates[0], "question": q.question, **extra} for q in qs]
+
+
+def test_collate_with_reasoning_trains_the_turn_the_scorer_is_served(model_cache):
+    """scoring.reasoning: the row is the scorer's think-first prompt + reasoning + final question + answer, and the
+    loss covers exactly that assistant turn (so the model learns to write the reasoning, then to answer)."""
+    from transformers import AutoProcessor
+
+    from rea2seg_ray.config import ScoringConfig
+    from rea2seg_ray.models.loading import resolve_model
+    from rea2seg_ray.scoring.prompts import candidate_messages, render_chat, with_final_question
+    from rea2seg_ray.scoring.scorer import model_input_size_fn
+    from rea2seg_ray.train.loop import ImageCache, answer_token_ids, collate
+
+    path = resolve_model("tiny-qwen2-vl-scorer")
+    proc = AutoProcessor.from_pretrained(path)
+    proc.tokenizer.padding_side = "left"
+    scfg = ScoringConfig(reasoning=True, show_original=False)
+    ex = _sample_examples(3)
+    for e, (why, label) in zip(
+        ex,
+        [("The highlighted region is the red circle.", "Yes"), ("", "No"), ("It is the blue bar.", "No")],
+        strict=True,
+    ):
+        e.update(reasoning=why, label=label)
+    inputs, labels = collate(
+        ex, proc, scfg, model_input_size_fn(path), ImageCache(), answer_token_ids(proc.tokenizer, scfg)
+    )
+    tok = proc.tokenizer
+    for i, e in enumerate(ex):
+        trained = tok.decode(labels[i][labels[i] != -100])
+        assert trained == "\n" + with_final_question(e["reasoning"]) + e["label"]
+        served = render_chat(
+            proc, candidate_messages(e["question"], "overlay", reasoning=True, show_original=False)
+        )
+        row = tok.decode(inputs["input_ids"][i][inputs["attention_mask"][i] == 1])
+        # The served think-first prompt (image placeholders aside: the processor expands them), then the turn.
+        pad = "<|image_pad|>"
+        turn = with_final_question(e["reasoning"]) + e["label"] + "<|im_end|>\n"
+        assert row.replace(pad, "") == served.replace(pad, "") + turn and "step by step" in served
+    # Without scoring.reasoning the reasoning column is ignored: one answer token per row.
+    _, plain = collate(ex, proc, ScoringConfig(show_original=False), model_input_size_fn(path), ImageCache(),
+                       answer_token_ids(tok, scfg))  # fmt: skip
+    assert (plain != -100).sum() == 3
+
+
+def test_candidates_with_descriptions_become_reasoning():
+    import json
+
+    import pyarrow as pa
+
+    from rea2seg_ray.masks import encode_rle, mask_bbox
+    from rea2seg_ray.records import Candidate, Query
+    from rea2seg_ray.train.data import label_batch
+
+    h, w = 40, 60
+    target, other, stray = (np.zeros((h, w), bool) for _ in range(3))
+    target[5:20, 5:25], other[25:38, 30:55], stray[0:4, 50:60] = True, True, True
+    nearly = target.copy()
+    nearly[5, 5:25] = False  # IoU 0.93 with the described target: inherits its description
+    q = Query(
+        "q1", "img.png", "Segment the red square.", gt_mask=encode_rle(target),
+        candidates=[encode_rle(target), encode_rle(other)],
+        meta={"candidate_descriptions": ["red square", "blue circle"], "reasoning": "Squares have four corners."},
+    )  # fmt: skip
+    cands = [
+        Candidate(mask=encode_rle(m), bbox=mask_bbox(m), area=int(m.sum())).to_row()
+        for m in (nearly, other, stray)
+    ]
+    row = {"error": None, "query_json": json.dumps(q.to_dict()), "candidates_json": json.dumps(cands), "height": h,
+           "width": w}  # fmt: skip
+    out = label_batch(pa.Table.from_pylist([row]), 0.7, 0.3, 0, True, 0).to_pylist()
+    why = {r["example_id"]: (r["label"], r["reasoning"]) for r in out}
+    assert why == {
+        "q1#0": ("Yes", "Squares have four corners. The highlighted region is the red square."),
+        "q1#1": ("No", "Squares have four corners. The highlighted region is the blue circle."),
+        "q1#2": ("No", "Squares have four corners."),  # matches no described candidate
+    }
+
+
+def test_export_records_the_prompt_settings_to_serve_with():
+    from rea2seg_ray.config import FinetuneConfig, load_config
+    from rea2seg_ray.train.trainer import serving_overrides
+
+    cfg = load_config(
+        FinetuneConfig, None, ["data=d", "output=o", "scoring.reasoning=true", "scoring.show_original=false"]
+    )
+    assert serving_overrides(cfg) == {"show_original": False, "reasoning": True}
+    assert serving_overrides(load_config(FinetuneConfig, None, ["data=d", "output=o"])) == {}
