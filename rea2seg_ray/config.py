@@ -209,7 +209,7 @@ class MakeScoringDataConfig:
     """Annotated queries + candidates -> one example per (query, candidate): IoU to the ground truth, Yes/No label."""
 
     input: str = (
-        MISSING  # manifest or ReasonSeg folder with ground truth (gt_json / gt_mask); optional `reasoning`
+        MISSING  # manifest or ReasonSeg folder with ground truth; optional `reasoning`, `candidate_descriptions`
     )
     output: str = MISSING  # Parquet folder (local or s3://)
     format: str = "auto"

@@ -90,7 +90,7 @@ def main() -> int:
         "ray.progress_bars=false",
     )
     t0 = time.perf_counter()
-    run(
+    trained = run(
         "finetune",
         f"data={out / 'data'}",
         f"output={out / 'run'}",
@@ -152,6 +152,7 @@ def main() -> int:
     summary = "\n".join([
         f"Proving ground: tiny scorer trained from scratch for {train_min:.1f} min (rea2seg finetune, 2 CPU workers), "
         f"served by vLLM; candidates are each held-out scene's own shapes; whole loop {(time.perf_counter() - t_start) / 60:.1f} min.",
+        *[line.removeprefix("[rea2seg] ").split("; checkpoint")[0] for line in trained.splitlines() if "trained to step" in line],
         "", *lines, "",
         f"colour-and-shape (discriminative) top-1 gIoU: {disc:.2f}x the untrained scorer (target: at least 2x)",
         f"the trained scorer's reasoning names the candidate's colour right for {100 * named_colour:.0f}% and its "
