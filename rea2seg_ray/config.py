@@ -208,9 +208,7 @@ class SegmentConfig:
 class MakeScoringDataConfig:
     """Annotated queries + candidates -> one example per (query, candidate): IoU to the ground truth, Yes/No label."""
 
-    input: str = (
-        MISSING  # manifest or ReasonSeg folder with ground truth; optional `reasoning`, `candidate_descriptions`
-    )
+    input: str = MISSING  # manifest or ReasonSeg folder with ground truth; optional `reasoning`, `candidate_descriptions`
     output: str = MISSING  # Parquet folder (local or s3://)
     format: str = "auto"
     texts: str = "all"  # every phrasing of a ReasonSeg question is its own example source

@@ -8,8 +8,8 @@ extremes), spatial (position and relations) and multi-step (two facts combined).
 Output is a ReasonSeg folder (``<id>.jpg`` + ``<id>.json`` in LISA's format, the target's visible region as
 polygons) plus a manifest (``<name>.jsonl``) whose rows also carry ``gt_mask`` (RLE) and ``candidates`` (every
 object's visible mask, for the ``given`` discovery source, with ``candidate_descriptions``: each one's colour and
-shape, which mask-scoring data turns into reasoning to train on). The generator checks that LISA's loader reproduces the
-visible region from the JSON exactly, and resamples a scene when it would not.
+shape, which mask-scoring data turns into reasoning to train on). The generator checks that LISA's loader
+reproduces the visible region from the JSON exactly, and resamples a scene when it would not.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The per-worker training loop: examples -> the scorer's own prompts (shared code with scoring) -> loss on the
-answer token (with ``scoring.reasoning``: on the whole assistant turn, reasoning included). Plain functions (``collate``, ``load_scorer_for_training``) are testable without Ray; the loop
-itself runs inside Ray Train workers.
+answer token (with ``scoring.reasoning``: on the whole assistant turn, reasoning included). Plain functions
+(``collate``, ``load_scorer_for_training``) are testable without Ray; the loop itself runs inside Ray Train workers.
 """
 
 from __future__ import annotations
@@ -217,9 +217,8 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     model.train()
     losses: list[float] = []
-    answer_losses: list[
-        float
-    ] = []  # the Yes/No token's alone (what the score reads; with reasoning, part of loss)
+    # The Yes/No token's own loss (what the score reads); with reasoning it is one part of `losses`.
+    answer_losses: list[float] = []
     upload = (
         ray.train.CheckpointUploadMode.ASYNC
         if device.startswith("cuda")
