@@ -144,3 +144,30 @@ def test_finetune_checkpoints_to_s3_resumes_and_exports_for_vllm(ray_driver, sco
     t = sorted(c.score for r in tuned_scores for c in r)
     b = sorted(c.score for r in base_scores for c in r)
     assert all(0 <= v <= 1 for v in t) and max(abs(x - y) for x, y in zip(t, b, strict=True)) > 1e-3
+
+
+def test_reasoning_scorer_trains_and_serves_in_the_same_format(ray_driver, scoring_data, tmp_path):
+    """scoring.reasoning=true end to end: finetune prints the override to serve with; vLLM, serving the export in
+    that mode, writes the kind of reasoning it was trained on and stops where the final question begins."""
+    root, manifest, _ = scoring_data
+    out = tmp_path / "reasoning-run"
+    r = subprocess.run(
+        [sys.executable, "-m", "rea2seg_ray.cli", "finetune", f"data={root / 'data'}", f"output={out}",
+         "scoring.reasoning=true", "scoring.show_original=false", "train.num_workers=2", "train.cpus_per_worker=0.5",
+         "train.batch_size=4", "train.max_steps=25", "train.lr=5e-3", "train.warmup_steps=5",
+         "train.checkpoint_every=25", "ray.progress_bars=false", f"ray.address={ray_driver['address']}"],
+        capture_output=True, text=True, timeout=900, env=dict(os.environ),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    serve = f"models.scorer={out / 'export'} scoring.show_original=false scoring.reasoning=true"
+    assert serve in r.stdout, r.stdout
+    qs = list(read_queries(str(manifest)))[:3]
+    images = [np.asarray(Image.open(q.image).convert("RGB")) for q in qs]
+    cands = [[Candidate(mask=m, bbox=[0, 0, 0, 0], area=1) for m in q.candidates] for q in qs]
+    scfg = ScoringConfig(reasoning=True, show_original=False, max_reasoning_tokens=24)
+    scored = Scorer(scfg, ModelsConfig(scorer=str(out / "export"))).score(qs, images, cands)
+    for c in (c for res in scored for c in res):
+        assert c.reasoning.startswith("The highlighted region is the ") and "So, is" not in c.reasoning, (
+            c.reasoning
+        )
+        assert 0.0 <= c.score <= 1.0
