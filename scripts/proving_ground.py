@@ -123,10 +123,17 @@ def main() -> int:
         "ray.progress_bars=false",
         f"input={heldout}",
     ]
-    run("segment", *common, f"output={out / 'before'}", "models.scorer=tiny-qwen2-vl-scorer")
-    run("segment", *common, f"output={out / 'after'}", f"models.scorer={out / 'run' / 'export'}")
-    before = json.loads((out / "before" / "eval" / "metrics.json").read_text())
-    after = json.loads((out / "after" / "eval" / "metrics.json").read_text())
+    metrics = {}
+    for name, scorer in (("before", "tiny-qwen2-vl-scorer"), ("after", out / "run" / "export")):
+        run("segment", *common, f"output={out / name}", f"models.scorer={scorer}", "evaluate=false")
+        run(
+            "evaluate",
+            f"predictions={out / name / 'predictions'}",
+            f"dataset={heldout}",
+            f"output={out / name / 'eval'}",
+        )
+        metrics[name] = json.loads((out / name / "eval" / "metrics.json").read_text())
+    before, after = metrics["before"], metrics["after"]
     lines = [
         "| category | n | untrained top-1 gIoU | trained top-1 gIoU | ratio | trained top-3 gIoU | oracle gIoU |",
         "|---|---:|---:|---:|---:|---:|---:|",
