@@ -242,6 +242,8 @@ class TrainConfig:
     lora_rank: int = 16
     lora_alpha: int = 32
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # With scoring.reasoning: loss = the reasoning tokens' mean + answer_weight x the Yes/No token's cross-entropy.
+    answer_weight: float = 1.0
     reinit: bool = False  # start from random weights (the proving ground trains a tiny scorer from scratch)
     init_range: float = 0.06
     max_minutes: float = (

@@ -37,10 +37,10 @@ from rea2seg_ray.models.loading import resolve_model
 from rea2seg_ray.scoring.scorer import model_input_size_fn
 from rea2seg_ray.train.loop import (
     ImageCache,
-    answer_loss,
     answer_token_ids,
     collate,
     load_scorer_for_training,
+    training_loss,
 )
 
 FOUR = ("green", "red", "blue", "white")
@@ -115,12 +115,12 @@ def main() -> int:
     for step in range(1, a.steps + 1):
         batch = [rows[i] for i in rng.choice(len(rows), size=min(a.batch, len(rows)), replace=False)]
         inputs, target = collate(batch, proc, cfg.scoring, size_fn, images, answer)
-        out = model(**inputs, labels=target)
-        out.loss.backward()
+        loss, yes_no = training_loss(model(**inputs).logits, target, cfg.train.answer_weight)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(answer_loss(out.logits, target))  # the Yes/No token's own (what the score reads)
+        losses.append(yes_no)  # the Yes/No token's own (what the score reads)
         if step % 25 == 0:
             dt = time.perf_counter() - t0
             print(

@@ -8,8 +8,9 @@ extremes), spatial (position and relations) and multi-step (two facts combined).
 Output is a ReasonSeg folder (``<id>.jpg`` + ``<id>.json`` in LISA's format, the target's visible region as
 polygons) plus a manifest (``<name>.jsonl``) whose rows also carry ``gt_mask`` (RLE) and ``candidates`` (every
 object's visible mask, for the ``given`` discovery source, with ``candidate_descriptions``: each one's colour and
-shape, which mask-scoring data turns into reasoning to train on). The generator checks that LISA's loader
-reproduces the visible region from the JSON exactly, and resamples a scene when it would not.
+shape) and ``reasoning`` (the target by name); mask-scoring data turns both into reasoning to train on. The
+generator checks that LISA's loader reproduces the visible region from the JSON exactly, and resamples a scene when
+it would not.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 LOW_CONTRAST = "grey"  # drawn close to the background
 SHAPES = ("circle", "square", "triangle", "ellipse", "star", "hexagon", "diamond", "bar")
 BACKGROUND = np.array([128, 128, 128], dtype=np.float64)
+# The scene's chain of thought (manifest `reasoning`): what the question asks for, by name. Mask-scoring data puts
+# it before what each candidate is, so a scorer trained on it compares two names a fixed distance apart.
+REASONING = "The question asks for the {target}."
 
 
 @dataclass
@@ -306,6 +310,7 @@ def write_scenes(
                 "gt_mask": encode_rle(scene["gt"] == 1),
                 "candidates": [encode_rle(o.visible) for o in scene["objects"]],
                 "candidate_descriptions": [o.name() for o in scene["objects"]],
+                "reasoning": REASONING.format(target=scene["objects"][scene["target"]].name()),
             }
         )
     manifest = out / f"{name}.jsonl"

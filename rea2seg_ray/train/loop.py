@@ -89,14 +89,25 @@ def collate(
     return dict(inputs), labels
 
 
-@torch.no_grad()
-def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Cross-entropy of the Yes/No token alone: the last labelled position of every row (the same column for all,
-    see ``collate``); ln 2 = 0.693 is a constant guess."""
+def training_loss(
+    logits: torch.Tensor, labels: torch.Tensor, answer_weight: float = 1.0
+) -> tuple[torch.Tensor, float]:
+    """-> (loss to minimise, the Yes/No token's own cross-entropy; ln 2 = 0.693 is a constant guess).
+
+    The answer is the last labelled position of every row (the same column for all, see ``collate``). Without
+    reasoning the loss is the answer's cross-entropy. With reasoning it is the reasoning tokens' mean plus
+    ``answer_weight`` x the answer's: in one mean over the turn the answer would be one token in ~25 and its
+    gradient would drown in the reasoning's."""
+    labels = labels.to(logits.device)
     pos = int((labels[0] != -100).nonzero()[-1, 0])
-    return float(
-        torch.nn.functional.cross_entropy(logits[:, pos - 1].float(), labels[:, pos].to(logits.device))
+    answer = torch.nn.functional.cross_entropy(logits[:, pos - 1].float(), labels[:, pos])
+    turn = labels[:, 1:pos]  # the reasoning tokens, each predicted from the position before it
+    if not bool((turn != -100).any()):
+        return answer, float(answer.detach())
+    reasoning = torch.nn.functional.cross_entropy(
+        logits[:, : pos - 1].flatten(0, 1).float(), turn.flatten(), ignore_index=-100
     )
+    return reasoning + answer_weight * answer, float(answer.detach())
 
 
 def load_scorer_for_training(model_path: str, cfg: FinetuneConfig, device: str):
@@ -240,10 +251,10 @@ def train_loop_per_worker(config: dict) -> None:
                 batch.to_pylist(), processor, cfg.scoring, input_size, images, answer_ids
             )
             inputs = {k: v.to(device) for k, v in inputs.items()}
-            out = model(**inputs, labels=labels.to(device))
-            (out.loss / tc.grad_accum).backward()
-            losses.append(float(out.loss.detach()))
-            answer_losses.append(answer_loss(out.logits, labels))
+            loss, answer = training_loss(model(**inputs).logits, labels, tc.answer_weight)
+            (loss / tc.grad_accum).backward()
+            losses.append(float(loss.detach()))
+            answer_losses.append(answer)
             micro += 1
             if micro % tc.grad_accum:
                 continue

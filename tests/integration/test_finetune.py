@@ -4,6 +4,7 @@ checkpoints in an S3 bucket on 127.0.0.1, resume from the last step, export that
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -47,9 +48,12 @@ def test_make_scoring_data_labels_and_balances(scoring_data):
     rows = pads.dataset(str(root / "data"), format="parquet").to_table().to_pylist()
     for r in rows:
         assert (r["label"] == "Yes") == (r["iou"] >= 0.7) and (r["iou"] >= 0.7 or r["iou"] <= 0.3)
-        # The scenes describe their shapes: each example says what its candidate is; a target is what was asked.
-        said = r["reasoning"].removeprefix("The highlighted region is the ").removesuffix(".")
-        assert said != r["reasoning"] and (said in r["question"]) == (r["label"] == "Yes"), r
+        # The scenes name their target and describe their shapes: each example says what the question asks for, then
+        # what its candidate is; the two names agree exactly for the target.
+        m = re.fullmatch(
+            r"The question asks for the (\w+ \w+)\. The highlighted region is the (\w+ \w+)\.", r["reasoning"]
+        )
+        assert m and m.group(1) in r["question"] and (m.group(1) == m.group(2)) == (r["label"] == "Yes"), r
     with pytest.raises(FileExistsError):
         build_scoring_data(
             load_config(
@@ -154,8 +158,8 @@ def test_reasoning_scorer_trains_and_serves_in_the_same_format(ray_driver, scori
     r = subprocess.run(
         [sys.executable, "-m", "rea2seg_ray.cli", "finetune", f"data={root / 'data'}", f"output={out}",
          "scoring.reasoning=true", "scoring.show_original=false", "train.num_workers=2", "train.cpus_per_worker=0.5",
-         "train.batch_size=4", "train.max_steps=25", "train.lr=5e-3", "train.warmup_steps=5",
-         "train.checkpoint_every=25", "ray.progress_bars=false", f"ray.address={ray_driver['address']}"],
+         "train.batch_size=4", "train.max_steps=60", "train.lr=5e-3", "train.warmup_steps=5",
+         "train.checkpoint_every=60", "ray.progress_bars=false", f"ray.address={ray_driver['address']}"],
         capture_output=True, text=True, timeout=900, env=dict(os.environ),
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -167,7 +171,7 @@ def test_reasoning_scorer_trains_and_serves_in_the_same_format(ray_driver, scori
     scfg = ScoringConfig(reasoning=True, show_original=False, max_reasoning_tokens=24)
     scored = Scorer(scfg, ModelsConfig(scorer=str(out / "export"))).score(qs, images, cands)
     for c in (c for res in scored for c in res):
-        assert c.reasoning.startswith("The highlighted region is the ") and "So, is" not in c.reasoning, (
+        assert c.reasoning.startswith("The question asks for the ") and "So, is" not in c.reasoning, (
             c.reasoning
         )
         assert 0.0 <= c.score <= 1.0
