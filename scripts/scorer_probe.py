@@ -15,7 +15,7 @@ X and Y":
         [train.init_range=0.06 scoring.render=overlay scoring.show_original=false ...]
 
 `scoring.reasoning=true` trains as the proving ground does: the model first writes the example's reasoning (what
-the highlighted region is, from the scenes' candidate descriptions), then answers. The loss printed is always the
+the question asks for, then what the highlighted region is), then answers; `--describe-only` keeps only the second. The loss printed is always the
 Yes/No token's own. A loss that stays at ln 2 = 0.693 means the model answers the same whatever it is shown.
 """
 
@@ -89,6 +89,12 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--n", type=int, default=8000, help="examples used (the first N of the dataset)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--describe-only",
+        action="store_true",
+        help="with scoring.reasoning=true: drop the query's own reasoning (the scenes' 'The question asks for the X.'), "
+        "keeping only what the candidate is",
+    )
     a, overrides = ap.parse_known_args()
     cfg = load_config(
         FinetuneConfig,
@@ -101,6 +107,9 @@ def main() -> int:
     rows = pads.dataset(a.data).to_table().slice(0, a.n).to_pylist()
     images = ImageCache(capacity=len(rows))
     relabel(rows, a.labels, images)
+    if a.describe_only:
+        for r in rows:
+            r["reasoning"] = r["reasoning"][r["reasoning"].find("The highlighted region") :]
     tok = proc.tokenizer
     answer = answer_token_ids(tok, cfg.scoring)
     size_fn = model_input_size_fn(path) if cfg.scoring.image_max_side <= 0 else None
