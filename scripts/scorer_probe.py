@@ -109,7 +109,7 @@ def main() -> int:
     relabel(rows, a.labels, images)
     if a.describe_only:
         for r in rows:
-            r["reasoning"] = r["reasoning"][r["reasoning"].find("The highlighted region") :]
+            r["reasoning"] = r["reasoning"][max(0, r["reasoning"].find("The highlighted region")) :]
     tok = proc.tokenizer
     answer = answer_token_ids(tok, cfg.scoring)
     size_fn = model_input_size_fn(path) if cfg.scoring.image_max_side <= 0 else None
