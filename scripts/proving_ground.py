@@ -66,7 +66,7 @@ def main() -> int:
     ap.add_argument(
         "--reasoning-tokens", type=int, default=24, help="scoring.max_reasoning_tokens when served"
     )
-    ap.add_argument("--lr", default="2e-3")
+    ap.add_argument("--lr", default="1e-3")
     ap.add_argument("--init-range", default="0.06")
     a = ap.parse_args()
     out = Path(a.out)

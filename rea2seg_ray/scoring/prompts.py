@@ -23,13 +23,15 @@ TEMPLATES = {
     "comparative": "The image shows {k} candidate regions, outlined and numbered 1 to {k}. Score every candidate "
     'from 0 to 1 for how well it answers the question. Reply with JSON {{"scores": [s1, ..., s{k}]}}.',
     "think": "First think step by step about what the question asks for and whether the region matches it.",
-    "final_yesno": "\nSo, is the highlighted region the object the question asks for? Answer Yes or No.\n",
+    # Short, so the answer token sits close to the reasoning's last words (a tiny scorer trained from scratch
+    # learned to compare them sooner than across a restated question: README, Proving ground).
+    "final_yesno": "\nAnswer Yes or No.\n",
     # Training-data reasoning for a candidate that carries a description (e.g. a given candidate's name).
     "describe": "The highlighted region is the {description}.",
 }
 # Reasoning ends where the final question begins: a model trained on `with_final_question` texts writes that
 # question itself, and generation stops there (the scorer appends the exact text before reading Yes/No).
-REASONING_STOP = "\nSo, is the highlighted region"
+REASONING_STOP = "\nAnswer Yes or No"
 assert TEMPLATES["final_yesno"].startswith(REASONING_STOP)
 
 NUMERIC_SCHEMA = {
