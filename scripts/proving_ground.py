@@ -47,7 +47,8 @@ def naming_accuracy(predictions: Path, manifest: Path) -> tuple[float, float, in
         for c in row["candidates"] or []:
             m = decode_rle(c["mask"])
             want = scene["candidate_descriptions"][max(range(len(given)), key=lambda i: (given[i] & m).sum())]
-            said = (c["reasoning"] or "").strip().removeprefix(prefix).removesuffix(suffix).split()
+            text = c["reasoning"] or ""
+            said = text[text.find(prefix) + len(prefix) :].split(suffix)[0].split() if prefix in text else []
             n += 1
             colour += said[:1] == want.split()[:1]
             shape += said[-1:] == want.split()[-1:]
