@@ -15,8 +15,9 @@ X and Y":
         [train.init_range=0.06 scoring.render=overlay scoring.show_original=false ...]
 
 `scoring.reasoning=true` trains as the proving ground does: the model first writes the example's reasoning (what
-the question asks for, then what the highlighted region is), then answers; `--describe-only` keeps only the second. The loss printed is always the
-Yes/No token's own. A loss that stays at ln 2 = 0.693 means the model answers the same whatever it is shown.
+the question asks for, then what the highlighted region is), then answers; `--describe-only` keeps only the second.
+The loss printed is always the Yes/No token's own. A loss that stays at ln 2 = 0.693 means the model answers the
+same whatever it is shown.
 """
 
 from __future__ import annotations

@@ -45,28 +45,16 @@ def test_collate_puts_the_only_label_on_the_answer_token(model_cache, label):
     from transformers import AutoProcessor
 
     from rea2seg_ray.config import ScoringConfig
-    from rea2seg_ray.datasets import SAMPLE_SCENES, read_queries
     from rea2seg_ray.models.loading import resolve_model
     from rea2seg_ray.scoring.scorer import model_input_size_fn
-    from rea2seg_ray.train.loop import ImageCache, collate
+    from rea2seg_ray.train.loop import ImageCache, answer_token_ids, collate
 
     path = resolve_model("tiny-qwen2-vl-scorer")
     proc = AutoProcessor.from_pretrained(path)
     proc.tokenizer.padding_side = "left"
-    qs = list(read_queries(str(SAMPLE_SCENES / "manifest.jsonl")))[:2]
-    ex = [
-        {
-            "image_uri": q.image,
-            "mask": q.candidates[0],
-            "question": q.question + " please" * i,
-            "label": label,
-        }
-        for i, q in enumerate(qs)
-    ]
-    ids = {
-        "Yes": proc.tokenizer.convert_tokens_to_ids("Yes"),
-        "No": proc.tokenizer.convert_tokens_to_ids("No"),
-    }
+    ex = _sample_examples(2, label=label)
+    ex[1]["question"] += " please"  # prompts of different lengths
+    ids = answer_token_ids(proc.tokenizer, ScoringConfig())
     inputs, labels = collate(ex, proc, ScoringConfig(), model_input_size_fn(path), ImageCache(), ids)
     assert (labels != -100).sum() == 2  # one answer token per example, whatever the prompt lengths
     assert set(labels[labels != -100].tolist()) == {ids[label]}
