@@ -21,7 +21,7 @@ from rea2seg_ray.models.loading import resolve_model
 from rea2seg_ray.records import Candidate
 from rea2seg_ray.scoring.scorer import Scorer, model_input_size_fn
 from rea2seg_ray.train.data import build_scoring_data
-from rea2seg_ray.train.loop import ImageCache, collate, load_scorer_for_training
+from rea2seg_ray.train.loop import ImageCache, answer_token_ids, collate, load_scorer_for_training
 
 pytestmark = pytest.mark.slow
 
@@ -69,10 +69,7 @@ def test_make_scoring_data_labels_and_balances(scoring_data):
 
 
 def _loss(model, processor, rows, cfg):
-    ids = {
-        "Yes": processor.tokenizer.convert_tokens_to_ids("Yes"),
-        "No": processor.tokenizer.convert_tokens_to_ids("No"),
-    }
+    ids = answer_token_ids(processor.tokenizer, cfg.scoring)
     path = resolve_model("tiny-qwen2-vl-scorer")
     inputs, labels = collate(rows, processor, cfg.scoring, model_input_size_fn(path), ImageCache(), ids)
     with torch.no_grad():
