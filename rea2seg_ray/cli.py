@@ -71,7 +71,7 @@ def cmd_segment(cfg: SegmentConfig) -> int:
     from .pipeline.graph import predictions_uri, run_segment
 
     summary = run_segment(cfg)
-    if cfg.evaluate:
+    if cfg.evaluate and not cfg.dry_run:
         try:
             metrics, scores = evaluate_predictions(
                 read_predictions(predictions_uri(cfg)),
@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     fn, _ = COMMANDS[args.command]
     from .datasets import DatasetError
     from .models.loading import ModelNotFound
+    from .pipeline.lease import LeaseHeld
 
     try:
         cfg = load_config(COMMAND_CONFIGS[args.command], args.config, args.overrides)
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg))
             return 0
         return int(fn(cfg) or 0)
-    except (ConfigError, DatasetError, ModelNotFound, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DatasetError, ModelNotFound, FileNotFoundError, ValueError, LeaseHeld) as e:
         print(f"rea2seg {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -166,9 +166,35 @@ class PoolConfig:
     resources: dict[str, float] = field(
         default_factory=dict
     )  # custom resources to pin the pool to node types
-    batch_size: int = 4  # queries per call
+    batch_size: int = 4  # images per call (each image row holds all of its queries)
     max_restarts: int = -1  # actor restarts after a crash (-1: unlimited)
     max_task_retries: int = -1  # retries of a batch whose actor died (-1: unlimited)
+
+
+@dataclass
+class LimitsConfig:
+    """Per-query limits. A query over one becomes its own error row (stage ``limit``) naming the limit and its
+    value; a query that kills or hangs its worker is retried, then isolated from its batch as an error row."""
+
+    # Question length in the discovery model's tokens. 0: half the scorer's context (scoring.vllm.max_model_len),
+    # leaving the other half for the image tokens and the prompt.
+    max_question_tokens: int = 0
+    max_image_pixels: int = 100_000_000  # width x height, checked from the image header before decoding (0: none)
+    # One call of a discovery or scorer actor (a batch of images) may take at most this long; past it the actor
+    # exits and the batch is retried like a crash (0: no limit).
+    batch_timeout_s: float = 900.0
+    # How many times a batch may kill or hang its worker before its queries are redone one at a time, and how many
+    # times one query may do so before it is written as an error row (stage ``isolated``).
+    max_attempts: int = 2
+
+    def __post_init__(self) -> None:
+        if self.max_question_tokens < 0 or self.max_image_pixels < 0 or self.batch_timeout_s < 0:
+            raise ValueError("limits.* must be >= 0 (0: default or none)")
+        if self.max_attempts < 1:
+            raise ValueError(f"limits.max_attempts must be >= 1, got {self.max_attempts}")
+
+    def question_tokens(self, scorer_max_model_len: int) -> int:
+        return self.max_question_tokens or max(1, scorer_max_model_len // 2)
 
 
 @dataclass
@@ -185,15 +211,25 @@ class RayConfig:
 class SegmentConfig:
     """The main job: read -> decode -> discover -> score -> write Parquet, resumable."""
 
-    input: str = ""  # manifest or ReasonSeg folder, local or s3://; empty: the bundled sample scenes
+    # A manifest file, a folder or prefix of shards, or a glob (JSONL and Parquet, mixed), or a ReasonSeg folder;
+    # local or s3://. Read by Ray Data on the cluster, never collected on the driver. Empty: the bundled scenes.
+    input: str = ""
     output: str = "outputs/segment"  # predictions under <output>/predictions, evaluation under <output>/eval
+    # Read and validate the input, resolve resume, print the numbers (queries, distinct images, already done,
+    # invalid rows with the first messages); run no model, write nothing.
+    dry_run: bool = False
     format: str = "auto"
     texts: str = "first"
-    limit: int = 0
+    limit: int = 0  # at most this many queries (0: all); with several shards, which ones is not fixed
     run_id: str = ""  # empty: a timestamp
     resume: bool = True  # skip query ids already in the output
     max_image_side: int = 1536  # larger images are resized for processing; masks come back at full size
     decode_num_cpus: float = 0.25
+    # Partitions of the shuffles that de-duplicate query ids and group queries by image (0: from the input's size).
+    shuffle_partitions: int = 0
+    # Seconds a run's lease on its output lasts without renewal: a second run on the same output refuses while a
+    # live run holds it; a lease whose holder died (its pid gone on the same host, or expired) is taken over.
+    lease_ttl_s: float = 60.0
     evaluate: bool = True  # when the input has ground truth, score the output and print the table
     models: ModelsConfig = field(default_factory=ModelsConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
@@ -201,6 +237,7 @@ class SegmentConfig:
     # Discovery is the heavier stage (on 2 CPU cores: 2 threads for it, 1 for the mostly idle scorer measured best).
     discover_pool: PoolConfig = field(default_factory=lambda: PoolConfig(num_cpus=2.0))
     score_pool: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=8))
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
@@ -224,6 +261,9 @@ class MakeScoringDataConfig:
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     discover_pool: PoolConfig = field(default_factory=lambda: PoolConfig(num_cpus=2.0))
     max_image_side: int = 1536
+    decode_num_cpus: float = 0.25
+    shuffle_partitions: int = 0
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 

@@ -136,3 +136,16 @@ def mask_nms(
             if max_keep and len(keep) >= max_keep:
                 break
     return keep
+
+
+def resize_mask(rle: RLE, shape: tuple[int, int]) -> np.ndarray:
+    """Decode an RLE and resample it to ``shape`` (H, W), nearest neighbour -> (H, W) bool."""
+    m = decode_rle(rle).astype(np.uint8)
+    return cv2.resize(m, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
+def resize_rle(rle: RLE, shape: tuple[int, int]) -> RLE:
+    """The same mask at ``shape`` (H, W); unchanged when it already is that size."""
+    if tuple(rle["size"]) == tuple(shape):
+        return rle
+    return encode_rle(resize_mask(rle, shape))

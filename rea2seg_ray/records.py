@@ -45,6 +45,29 @@ PREDICTIONS_SCHEMA = pa.schema(
 )
 
 
+# A query as it flows between stages (native Arrow, no JSON): the manifest's fields, where it came from (``source``
+# file and 1-based ``row``: the first of a repeated query_id wins), and the error that stopped it, if any. ``found``
+# holds the candidates discovery made (scored and ranked once scoring ran).
+TURN_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
+QUERY_FIELDS = [
+    ("query_id", pa.string()),
+    ("image", pa.string()),
+    ("question", pa.string()),
+    ("conversation", pa.list_(TURN_TYPE)),
+    ("category", pa.string()),
+    ("gt_json", pa.string()),
+    ("gt_mask", MASK_TYPE),
+    ("candidates", pa.list_(MASK_TYPE)),  # given candidate masks (source `given`), at the original size
+    ("candidate_descriptions", pa.list_(pa.string())),
+    ("reasoning", pa.string()),  # the manifest's chain of thought (`reasoning` or `cot`), for training data
+    ("source", pa.string()),
+    ("row", pa.int64()),
+    ("error", pa.string()),
+    ("error_stage", pa.string()),
+]
+QUERY_TYPE = pa.struct([*QUERY_FIELDS, ("found", pa.list_(CANDIDATE_TYPE))])
+
+
 def make_query_id(image: str, question: str) -> str:
     """Stable id from the image reference and the question text (used when a manifest gives none)."""
     return hashlib.sha1(f"{image}\n{question}".encode()).hexdigest()[:16]
@@ -73,6 +96,34 @@ class Query:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_struct(self, source: str = "", row: int = 0) -> dict:
+        """The query as a ``QUERY_TYPE`` row (its ``meta`` error, descriptions and reasoning as their own fields)."""
+        m = self.meta
+        conv = self.conversation
+        return {
+            "query_id": self.query_id, "image": self.image, "question": self.question,
+            "conversation": [{"role": str(t.get("role", "user")), "content": str(t.get("content", ""))} for t in conv]
+            if conv is not None else None,
+            "category": self.category, "gt_json": self.gt_json, "gt_mask": self.gt_mask, "candidates": self.candidates,
+            "candidate_descriptions": m.get("candidate_descriptions"),
+            "reasoning": str(m.get("reasoning") or m.get("cot") or "") or None,
+            "source": source, "row": row, "error": m.get("error"),
+            "error_stage": (m.get("error_stage") or "read") if m.get("error") else None, "found": None,
+        }  # fmt: skip
+
+    @classmethod
+    def from_struct(cls, d: dict) -> Query:
+        meta = {}
+        for k in ("candidate_descriptions", "reasoning", "error", "error_stage"):
+            if d.get(k) is not None:
+                meta[k] = d[k]
+        return cls(
+            query_id=d["query_id"], image=d.get("image") or "", question=d.get("question") or "",
+            conversation=d.get("conversation"), category=d.get("category") or "", gt_json=d.get("gt_json"),
+            gt_mask=dict(d["gt_mask"]) if d.get("gt_mask") else None,
+            candidates=[dict(c) for c in d["candidates"]] if d.get("candidates") is not None else None, meta=meta,
+        )  # fmt: skip
+
 
 @dataclass
 class Candidate:
@@ -86,6 +137,16 @@ class Candidate:
     score: float = float("nan")
     rank: int = -1
     reasoning: str = ""
+
+    def at_size(self, shape: tuple[int, int]) -> Candidate:
+        """This candidate with its mask, box and area at ``shape`` (H, W) (nearest neighbour; in place)."""
+        if tuple(self.mask["size"]) == tuple(shape):
+            return self
+        from .masks import encode_rle, mask_bbox, resize_mask
+
+        m = resize_mask(self.mask, shape)
+        self.mask, self.bbox, self.area = encode_rle(m), mask_bbox(m), int(m.sum())
+        return self
 
     def to_row(self) -> dict:
         return {

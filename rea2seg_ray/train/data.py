@@ -1,20 +1,19 @@
 """Mask-scoring data: annotated queries + candidates -> one example per (query, candidate) with its IoU to the
 ground truth, a Yes/No label (ambiguous middle band dropped; negatives balanced per query) and the reasoning to
 train on (the query's chain of thought, then what the candidate is when the manifest describes its given
-candidates). Built with Ray Data, reusing the pipeline's decode and discovery stages, written as Parquet.
+candidates). Built with Ray Data on the same graph head as the segmentation job (sharded input, one row per image,
+decode, discovery: ``runtime``), written as Parquet.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 
 import numpy as np
 import pyarrow as pa
 
 from ..datasets import gt_mask_from_annotation, load_annotation
 from ..masks import decode_rle, intersection_union, iou_from_iu
-from ..pipeline.stages import _to_original
 from ..records import MASK_TYPE, Candidate, Query
 from ..scoring.prompts import TEMPLATES
 
@@ -103,60 +102,70 @@ def label_batch(
     keep_without_positive: bool,
     seed: int,
 ) -> pa.Table:
-    """STAGE rows with candidates -> EXAMPLE rows. Rows that failed earlier, or have no ground truth, yield none."""
+    """Image rows with discovered candidates -> EXAMPLE rows. Queries that failed earlier, or have no ground
+    truth, yield none."""
     out: list[dict] = []
     for r in batch.to_pylist():
-        if r["error"] or not r["candidates_json"]:
+        if r["error"] or r["image"] is None:
             continue
-        q = Query(**json.loads(r["query_json"]))
         shape = (r["height"], r["width"])
-        if q.gt_mask:
-            gt = decode_rle(q.gt_mask).astype(np.uint8)
-        elif q.gt_json:
-            gt = gt_mask_from_annotation(load_annotation(q.gt_json), *shape)
-        else:
-            continue
-        examples = []
-        described = _described(q, shape)
-        for k, c in enumerate(json.loads(r["candidates_json"])):
-            cand = _to_original(Candidate.from_row(c), shape)
-            m = decode_rle(cand.mask)
-            iou = iou_from_iu(*intersection_union(m, gt))
-            lab = label_for(iou, pos_iou, neg_iou)
-            if lab is None:
+        for qs in r["queries"]:
+            if qs["error"] or not qs["found"]:
                 continue
-            examples.append({
-                "example_id": f"{q.query_id}#{k}", "query_id": q.query_id, "image_uri": q.image, "question": q.text(),
-                "category": q.category, "mask": cand.mask, "source": cand.source, "iou": iou, "label": lab,
-                "reasoning": example_reasoning(q, _description(m, described, pos_iou)),
-            })  # fmt: skip
-        out += balance(examples, max_neg_per_pos, keep_without_positive, _rng(q.query_id, seed))
+            out += _examples(Query.from_struct(qs), qs["found"], shape, pos_iou, neg_iou, max_neg_per_pos,
+                             keep_without_positive, seed)  # fmt: skip
     return pa.Table.from_pylist(out, schema=EXAMPLE_SCHEMA)
+
+
+def _examples(
+    q: Query, found: list[dict], shape: tuple[int, int], pos_iou: float, neg_iou: float, max_neg_per_pos: float,
+    keep_without_positive: bool, seed: int,
+) -> list[dict]:  # fmt: skip
+    if q.gt_mask:
+        gt = decode_rle(q.gt_mask).astype(np.uint8)
+    elif q.gt_json:
+        gt = gt_mask_from_annotation(load_annotation(q.gt_json), *shape)
+    else:
+        return []
+    examples = []
+    described = _described(q, shape)
+    for k, c in enumerate(found):
+        cand = Candidate.from_row(c).at_size(shape)
+        m = decode_rle(cand.mask)
+        iou = iou_from_iu(*intersection_union(m, gt))
+        lab = label_for(iou, pos_iou, neg_iou)
+        if lab is None:
+            continue
+        examples.append({
+            "example_id": f"{q.query_id}#{k}", "query_id": q.query_id, "image_uri": q.image, "question": q.text(),
+            "category": q.category, "mask": cand.mask, "source": cand.source, "iou": iou, "label": lab,
+            "reasoning": example_reasoning(q, _description(m, described, pos_iou)),
+        })  # fmt: skip
+    return balance(examples, max_neg_per_pos, keep_without_positive, _rng(q.query_id, seed))
 
 
 def build_scoring_data(cfg) -> dict:
     """Run the Ray Data job for ``MakeScoringDataConfig``; returns counts."""
-    import ray
+    import pyarrow.dataset as pads
 
     from .. import storage
-    from ..config import SegmentConfig
-    from ..datasets import read_queries
-    from ..pipeline.graph import discovered_dataset, init_ray, worker_env
+    from ..config import VLLMConfig
+    from ..datasets import resolve_input
+    from ..runtime import init_ray, worker_env
+    from ..runtime.inputs import count_queries, image_dataset
+    from ..runtime.stages import discovered_dataset
 
     existing = storage.list_files(cfg.output, recursive=True) if storage.exists(cfg.output) else []
     if any(f.endswith(".parquet") for f in existing):
         raise FileExistsError(f"{cfg.output} already holds Parquet files: choose a new output folder")
-    queries = list(read_queries(cfg.input, format=cfg.format, texts=cfg.texts, limit=cfg.limit, strict=False))
-    seg = SegmentConfig(
-        models=cfg.models,
-        discovery=cfg.discovery,
-        discover_pool=cfg.discover_pool,
-        ray=cfg.ray,
-        max_image_side=cfg.max_image_side,
-    )
-    init_ray(seg)
-    ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
-    ds = discovered_dataset(seg, queries, worker_env())
+    spec = resolve_input(cfg.input, cfg.format)
+    init_ray(cfg.ray)
+    images = image_dataset(cfg, spec, None)
+    ds = discovered_dataset(
+        images, max_image_side=cfg.max_image_side, decode_num_cpus=cfg.decode_num_cpus, limits=cfg.limits,
+        discovery=cfg.discovery, models=cfg.models, pool=cfg.discover_pool, env=worker_env(),
+        max_question_tokens=cfg.limits.question_tokens(VLLMConfig().max_model_len),
+    )  # fmt: skip
     ds = ds.map_batches(label_batch, batch_format="pyarrow", batch_size=16, num_cpus=0.25, fn_kwargs=dict(
         pos_iou=cfg.pos_iou, neg_iou=cfg.neg_iou, max_neg_per_pos=cfg.max_neg_per_pos,
         keep_without_positive=cfg.keep_without_positive, seed=cfg.seed))  # fmt: skip
@@ -164,10 +173,15 @@ def build_scoring_data(cfg) -> dict:
     if not storage.is_remote(cfg.output):
         fs.create_dir(path, recursive=True)
     ds.write_parquet(path, filesystem=fs)
-    import pyarrow.dataset as pads
-
-    t = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["label", "query_id"])
-    labels = t.column("label").to_pylist()
-    counts = {"queries": len(queries), "queries_with_examples": len(set(t.column("query_id").to_pylist())),
-              "examples": len(labels), "yes": labels.count("Yes"), "no": labels.count("No")}  # fmt: skip
+    # Counted from the written examples' two small columns (ids and labels: not the masks).
+    counts = {"examples": 0, "yes": 0, "no": 0}
+    queries_with: set[str] = set()
+    for b in pads.dataset(path, filesystem=fs, format="parquet").to_batches(columns=["label", "query_id"]):
+        labels = b.column("label").to_pylist()
+        counts["examples"] += len(labels)
+        counts["yes"] += labels.count("Yes")
+        counts["no"] += labels.count("No")
+        queries_with.update(b.column("query_id").to_pylist())
+    counts["queries_with_examples"] = len(queries_with)
+    counts["queries"] = count_queries(image_dataset(cfg, spec, None))["queries"]
     return counts

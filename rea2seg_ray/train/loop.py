@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..config import FinetuneConfig
-from ..pipeline.decode import decode, fetch
+from ..images import decode, fetch
 from ..scoring.prompts import candidate_messages, render_chat, with_final_question
 from ..scoring.render import render_query
 

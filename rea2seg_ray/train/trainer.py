@@ -41,12 +41,10 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ..config import SegmentConfig
     from ..models.loading import resolve_model
-    from ..pipeline.graph import init_ray
+    from ..runtime import init_ray
 
-    init_ray(SegmentConfig(ray=cfg.ray))
-    ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
+    init_ray(cfg.ray)
     model_path = str(resolve_model(cfg.models.scorer, cfg.models.cache_dir or None, cfg.models.allow_hub))
     fs, data_path = storage.filesystem(cfg.data)
     ds = ray.data.read_parquet(data_path, filesystem=fs)

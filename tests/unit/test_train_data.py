@@ -112,12 +112,12 @@ def test_collate_with_reasoning_trains_the_turn_the_scorer_is_served(model_cache
 
 
 def test_candidates_with_descriptions_become_reasoning():
-    import json
 
     import pyarrow as pa
 
     from rea2seg_ray.masks import encode_rle, mask_bbox
     from rea2seg_ray.records import Candidate, Query
+    from rea2seg_ray.runtime.inputs import IMAGE_ROW_SCHEMA
     from rea2seg_ray.train.data import label_batch
 
     h, w = 40, 60
@@ -134,9 +134,10 @@ def test_candidates_with_descriptions_become_reasoning():
         Candidate(mask=encode_rle(m), bbox=mask_bbox(m), area=int(m.sum())).to_row()
         for m in (nearly, other, stray)
     ]
-    row = {"error": None, "query_json": json.dumps(q.to_dict()), "candidates_json": json.dumps(cands), "height": h,
-           "width": w}  # fmt: skip
-    out = label_batch(pa.Table.from_pylist([row]), 0.7, 0.3, 0, True, 0).to_pylist()
+    # One image row as the discovery stage emits it: the query as its native struct, candidates found.
+    row = {"image_uri": "img.png", "part": 0, "queries": [dict(q.to_struct(), found=cands)], "height": h, "width": w,
+           "proc_h": h, "proc_w": w, "image": bytes(h * w * 3)}  # fmt: skip
+    out = label_batch(pa.Table.from_pylist([row], schema=IMAGE_ROW_SCHEMA), 0.7, 0.3, 0, True, 0).to_pylist()
     why = {r["example_id"]: (r["label"], r["reasoning"]) for r in out}
     assert why == {
         "q1#0": ("Yes", "Squares have four corners. The highlighted region is the red square."),

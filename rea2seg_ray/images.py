@@ -1,5 +1,6 @@
 """Fetch and decode one image, once: EXIF orientation applied, grayscale / palette / RGBA / 16-bit converted to
-8-bit RGB, an upper size bound enforced by resizing. Every failure is a DecodeError with a clear message.
+8-bit RGB, a pixel-count limit checked from the header before any pixel is decoded, an upper side bound enforced by
+resizing. Every failure is a DecodeError with a clear message. Used by the segmentation job and by training.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .. import storage
+from . import storage
 
 # Never accept silently-truncated files: a truncated image is an error row, not half an image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -56,8 +57,13 @@ def _declared_size(raw: bytes) -> tuple[int, int] | None:
     return None
 
 
-def decode(raw: bytes, uri: str = "", max_side: int = 0) -> tuple[np.ndarray, tuple[int, int]]:
-    """bytes -> ((h, w, 3) uint8 RGB image, bounded by ``max_side``; (H, W) original size after EXIF rotation)."""
+def decode(
+    raw: bytes, uri: str = "", max_side: int = 0, max_pixels: int = 0
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """bytes -> ((h, w, 3) uint8 RGB image, bounded by ``max_side``; (H, W) original size after EXIF rotation).
+
+    ``max_pixels`` > 0: an image with more pixels is refused from its header alone (no pixel is decoded), with a
+    DecodeError naming the limit ``limits.max_image_pixels`` and the image's size."""
     declared = _declared_size(raw)
     if declared and 0 in declared:
         raise DecodeError(f"zero-size image ({declared[0]}x{declared[1]}): {uri}", "decode")
@@ -65,7 +71,15 @@ def decode(raw: bytes, uri: str = "", max_side: int = 0) -> tuple[np.ndarray, tu
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(raw))
+            if max_pixels and im.size[0] * im.size[1] > max_pixels:
+                raise DecodeError(
+                    f"image is {im.size[0]}x{im.size[1]} = {im.size[0] * im.size[1]} pixels, over "
+                    f"limits.max_image_pixels={max_pixels}: {uri}",
+                    "limit",
+                )
             im.load()
+    except DecodeError:
+        raise
     except UnidentifiedImageError as e:
         raise DecodeError(f"not an image file (unrecognised format): {uri}", "decode") from e
     except (OSError, SyntaxError, ValueError) as e:
