@@ -104,7 +104,9 @@ def build_dataset(cfg: SegmentConfig, spec: InputSpec, run_id: str, ledger: str 
     """The lazy Ray Data graph of a run: the rows still to write, as ``PREDICTIONS_SCHEMA``; nothing runs until
     it is written."""
     env = worker_env()
-    images = image_dataset(cfg, spec, predictions_uri(cfg) if cfg.resume else None)
+    images = image_dataset(
+        cfg, spec, predictions_uri(cfg) if cfg.resume else None, rows_per_block=cfg.discover_pool.batch_size
+    )
     ds = discovered_dataset(
         images, max_image_side=cfg.max_image_side, decode_num_cpus=cfg.decode_num_cpus, limits=cfg.limits,
         discovery=cfg.discovery, models=cfg.models, pool=cfg.discover_pool, env=env, ledger=ledger,

@@ -115,7 +115,10 @@ class ManifestDatasource(_RandomAccess):
                 try:
                     if isinstance(row, Exception):
                         raise row
-                    chunk.append(row_to_query(row, base, where).to_struct(uri, rowno))
+                    q = row_to_query(row, base, where)
+                    if not q.text().strip():
+                        raise DatasetError(f"{where}: empty question")
+                    chunk.append(q.to_struct(uri, rowno))
                 except DatasetError as e:
                     own = row.get("query_id") if isinstance(row, dict) else None
                     qid = str(own) if isinstance(own, str | int) and str(own) else f"{uri}#row{rowno}"
@@ -242,6 +245,11 @@ def resolve_group(group: pa.Table, keep_done: bool = False) -> pa.Table:
     source path, then row number) keeps the id; later rows become error rows under ``<id>#duplicate@<where>``;
     rows whose final id is already in the output are dropped (``keep_done``: kept, marked done, for counting).
     Each row's ``key`` becomes its image shuffle key."""
+    if group.num_rows == 1 and not group.column("done")[0].as_py():  # the common case, without Python rows
+        error = group.column("error")[0].as_py()
+        qid = group.column("query_id")[0].as_py()
+        key = group.column("image")[0].as_py() if error is None else f"#error#{_bucket(qid)}"
+        return group.set_column(group.schema.get_field_index("key"), "key", pa.array([key], pa.string()))
     rows = group.to_pylist()
     done = {r["query_id"] for r in rows if r["done"] and r["query_id"] is not None}
     # Torn-file markers are counted in a dry run (and the files moved aside before a real run writes).
@@ -275,14 +283,21 @@ def image_rows(group: pa.Table, max_queries: int = 256) -> pa.Table:
     """All query rows of one image (or one carrier bucket) -> IMAGE_ROW_SCHEMA rows of at most ``max_queries``
     queries each, in input order (one row in all but extreme cases: the image is decoded once per row)."""
     key = group.column("key")[0].as_py()
-    carrier = key.startswith("#")
-    qs = sorted(
-        group.drop_columns(["key", "done"]).to_pylist(), key=lambda r: (r["source"] or "", r["row"] or 0)
+    g = group.take(pc.sort_indices(group, sort_keys=[("source", "ascending"), ("row", "ascending")]))
+    n = g.num_rows
+    cols = [pa.concat_arrays(g.column(name).chunks) for name, _ in QUERY_FIELDS]
+    found = pa.nulls(n, QUERY_TYPE.field("found").type)
+    queries = pa.StructArray.from_arrays([*cols, found], fields=list(QUERY_TYPE))
+    starts = list(range(0, n, max_queries))
+    lists = pa.ListArray.from_arrays(pa.array([*starts, n], pa.int32()), queries)
+    m = len(starts)
+    columns = {f.name: pa.nulls(m, f.type) for f in IMAGE_ROW_SCHEMA}
+    columns.update(
+        image_uri=pa.array([None if key.startswith("#") else key] * m, pa.string()),
+        part=pa.array(range(m), pa.int32()),
+        queries=lists,
     )
-    out = []
-    for part, i in enumerate(range(0, len(qs), max_queries)):
-        out.append({"image_uri": None if carrier else key, "part": part, "queries": qs[i : i + max_queries]})
-    return pa.Table.from_pylist(out, schema=IMAGE_ROW_SCHEMA)
+    return pa.table(columns, schema=IMAGE_ROW_SCHEMA)
 
 
 def partitions_for(spec: InputSpec, configured: int = 0) -> int:
@@ -290,9 +305,13 @@ def partitions_for(spec: InputSpec, configured: int = 0) -> int:
     return configured or max(1, min(200, spec.total_bytes // (32 << 20) + 1))
 
 
-def image_dataset(cfg, spec: InputSpec, pred_uri: str | None, keep_done: bool = False, filesystem=None):
+def image_dataset(
+    cfg, spec: InputSpec, pred_uri: str | None, keep_done: bool = False, filesystem=None, rows_per_block: int = 0
+):
     """Input -> one row per image (IMAGE_ROW_SCHEMA, queries not yet decoded), resume applied against the
-    predictions under ``pred_uri`` (None: no resume). ``cfg`` has ``texts``, ``limit``, ``shuffle_partitions``."""
+    predictions under ``pred_uri`` (None: no resume). ``cfg`` has ``texts``, ``limit``, ``shuffle_partitions``.
+    ``rows_per_block`` > 0: blocks of at most that many images (a shuffle's output is a few large blocks; an actor
+    pool only streams and spreads work when each block is about one call's worth)."""
     ds = query_dataset(spec, texts=cfg.texts, limit=cfg.limit)
     done = done_dataset(pred_uri, filesystem) if pred_uri else None
     if done is not None:
@@ -301,7 +320,8 @@ def image_dataset(cfg, spec: InputSpec, pred_uri: str | None, keep_done: bool = 
     ds = ds.groupby("key", num_partitions=n).map_groups(
         resolve_group, batch_format="pyarrow", fn_kwargs={"keep_done": keep_done}
     )
-    return ds.groupby("key", num_partitions=n).map_groups(image_rows, batch_format="pyarrow")
+    ds = ds.groupby("key", num_partitions=n).map_groups(image_rows, batch_format="pyarrow")
+    return ds.repartition(target_num_rows_per_block=rows_per_block) if rows_per_block else ds
 
 
 def _count_block(batch: pa.Table, max_messages: int) -> pa.Table:

@@ -160,7 +160,7 @@ def build_scoring_data(cfg) -> dict:
         raise FileExistsError(f"{cfg.output} already holds Parquet files: choose a new output folder")
     spec = resolve_input(cfg.input, cfg.format)
     init_ray(cfg.ray)
-    images = image_dataset(cfg, spec, None)
+    images = image_dataset(cfg, spec, None, rows_per_block=cfg.discover_pool.batch_size)
     ds = discovered_dataset(
         images, max_image_side=cfg.max_image_side, decode_num_cpus=cfg.decode_num_cpus, limits=cfg.limits,
         discovery=cfg.discovery, models=cfg.models, pool=cfg.discover_pool, env=worker_env(),

@@ -1,7 +1,7 @@
 """Simulated two-node cluster run (a script: ray.cluster_utils.Cluster needs its own driver process).
 
 A head with 1 CPU, a "discovery" node and a "scorer" node (custom resources), the segmentation job with
-configs/cluster.yaml-style placement; mid-run the discovery node is removed and another added. Prints one JSON line
+configs/cluster.yaml-style placement; once discovery calls have finished the discovery node is removed and another added. Prints one JSON line
 with what happened; the test asserts on it.
 
     python tests/integration/placement_run.py SCENES_MANIFEST OUTPUT
@@ -20,7 +20,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
-from ray.util.state import list_actors  # noqa: E402
+from ray.util.state import list_actors, list_tasks  # noqa: E402
 
 from rea2seg_ray.config import SegmentConfig, load_config  # noqa: E402
 from rea2seg_ray.pipeline.graph import run_segment  # noqa: E402
@@ -28,6 +28,12 @@ from rea2seg_ray.pipeline.graph import run_segment  # noqa: E402
 
 def actors(kind: str) -> list:
     return [a for a in list_actors(detail=True, limit=1000) if kind in (a.class_name or "")]
+
+
+def discovered() -> bool:
+    """A discovery call has finished: rows flow (the input shuffles, a barrier, are over)."""
+    done = list_tasks(filters=[("state", "=", "FINISHED")], limit=10000, raise_on_missing_output=False)
+    return any("DiscoverStage" in (t.name or "") and "submit" in (t.name or "") for t in done)
 
 
 def main(manifest: str, output: str) -> None:
@@ -56,9 +62,10 @@ def main(manifest: str, output: str) -> None:
         alive_s = [a for a in actors("ScoreStage") if a.state == "ALIVE"]
         for a in alive_d + alive_s:
             seen.add((a.class_name, a.node_id))
-        if node_c is None and alive_d:
+        if node_c is None and alive_d and discovered():
             first = first or time.time()
-            if time.time() - first > 2:  # discovery under way: swap its node
+            # Rows flow (the input shuffles are done; a node lost during a shuffle is issue K's): swap its node.
+            if time.time() - first > 1:
                 cluster.remove_node(node_a)
                 node_c = cluster.add_node(num_cpus=3, resources={"discovery": 1}, **loop)
         time.sleep(0.3)
