@@ -19,6 +19,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import PurePosixPath
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -305,22 +306,81 @@ def partitions_for(spec: InputSpec, configured: int = 0) -> int:
     return configured or max(1, min(200, spec.total_bytes // (32 << 20) + 1))
 
 
+def _runs(keys: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Start offsets of the runs of equal values in a sorted key column, plus its length at the end."""
+    keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+    n = len(keys)
+    if n == 0:
+        return np.array([0])
+    change = pc.not_equal(keys[1:], keys[:-1]).to_numpy(zero_copy_only=False)
+    return np.concatenate([[0], np.flatnonzero(change) + 1, [n]])
+
+
+def resolve_block(block: pa.Table, keep_done: bool = False) -> pa.Table:
+    """``resolve_group`` over a block sorted by key (the output of a keyed hash repartition: every row of a key is
+    in one block). Ids seen once, not yet done and valid, the overwhelming case, are keyed by image in one
+    vectorized step; the rest go through ``resolve_group`` group by group."""
+    if block.num_rows == 0:
+        return block
+    starts = _runs(block.column("key"))
+    sizes = np.diff(starts)
+    single = np.repeat(sizes == 1, sizes)
+    done = block.column("done").to_numpy(zero_copy_only=False)
+    valid = block.column("error").is_null().to_numpy(zero_copy_only=False)
+    fast = single & ~done & valid
+    out = [block.filter(pa.array(fast)).drop_columns(["key"])]
+    out[0] = out[0].append_column("key", out[0].column("image")).select(QUERY_ROW_SCHEMA.names)
+    slow = np.flatnonzero(~fast[starts[:-1]] | (sizes > 1))
+    for g in slow:
+        out.append(resolve_group(block.slice(int(starts[g]), int(sizes[g])), keep_done=keep_done))
+    return pa.concat_tables(out).cast(QUERY_ROW_SCHEMA)
+
+
+def image_block(block: pa.Table, max_queries: int = 256) -> pa.Table:
+    """``image_rows`` over a block sorted by key: one IMAGE_ROW_SCHEMA row per image (per ``max_queries`` of its
+    queries), queries in input order, built with Arrow list offsets rather than Python rows."""
+    if block.num_rows == 0:
+        return pa.table({f.name: pa.array([], f.type) for f in IMAGE_ROW_SCHEMA}, schema=IMAGE_ROW_SCHEMA)
+    g = block.take(pc.sort_indices(block, sort_keys=[("key", "ascending"), ("source", "ascending"),
+                                                     ("row", "ascending")]))  # fmt: skip
+    starts = _runs(g.column("key"))
+    offsets, parts, keys = [], [], g.column("key").combine_chunks()
+    for s, e in zip(starts[:-1], starts[1:], strict=True):
+        for p, o in enumerate(range(int(s), int(e), max_queries)):
+            offsets.append(o)
+            parts.append(p)
+    offsets.append(g.num_rows)
+    n = g.num_rows
+    cols = [pa.concat_arrays(g.column(name).chunks) for name, _ in QUERY_FIELDS]
+    queries = pa.StructArray.from_arrays([*cols, pa.nulls(n, QUERY_TYPE.field("found").type)], fields=list(QUERY_TYPE))
+    lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), queries)
+    m = len(parts)
+    uri = keys.take(pa.array(offsets[:-1]))
+    uri = pc.if_else(pc.starts_with(uri, "#"), pa.nulls(m, pa.string()), uri)
+    columns = {f.name: pa.nulls(m, f.type) for f in IMAGE_ROW_SCHEMA}
+    columns.update(image_uri=uri, part=pa.array(parts, pa.int32()), queries=lists)
+    return pa.table(columns, schema=IMAGE_ROW_SCHEMA)
+
+
 def image_dataset(
     cfg, spec: InputSpec, pred_uri: str | None, keep_done: bool = False, filesystem=None, rows_per_block: int = 0
 ):
     """Input -> one row per image (IMAGE_ROW_SCHEMA, queries not yet decoded), resume applied against the
     predictions under ``pred_uri`` (None: no resume). ``cfg`` has ``texts``, ``limit``, ``shuffle_partitions``.
     ``rows_per_block`` > 0: blocks of at most that many images (a shuffle's output is a few large blocks; an actor
-    pool only streams and spreads work when each block is about one call's worth)."""
+    pool only streams and spreads work when each block is about one call's worth).
+
+    Each shuffle is what ``groupby(key).map_groups`` does (a keyed hash repartition, sorted, then whole blocks),
+    with the per-group work vectorized over the block: Ray Data's per-group calls cost more than the work here."""
     ds = query_dataset(spec, texts=cfg.texts, limit=cfg.limit)
     done = done_dataset(pred_uri, filesystem) if pred_uri else None
     if done is not None:
         ds = ds.union(done)
     n = partitions_for(spec, cfg.shuffle_partitions)
-    ds = ds.groupby("key", num_partitions=n).map_groups(
-        resolve_group, batch_format="pyarrow", fn_kwargs={"keep_done": keep_done}
+    ds = ds.repartition(n, keys=["key"], sort=True).map_batches(
+        resolve_block, batch_size=None, batch_format="pyarrow", fn_kwargs={"keep_done": keep_done}
     )
-    ds = ds.groupby("key", num_partitions=n).map_groups(image_rows, batch_format="pyarrow")
+    ds = ds.repartition(n, keys=["key"], sort=True).map_batches(image_block, batch_size=None, batch_format="pyarrow")
     return ds.repartition(target_num_rows_per_block=rows_per_block) if rows_per_block else ds
 
 

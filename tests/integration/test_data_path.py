@@ -17,7 +17,7 @@ import pytest
 from rea2seg_ray.datasets.synthetic import write_scenes
 
 from ..conftest import REPO, upload_tree
-from .crash_hook import CRASH
+from .crash_hook import CRASH, HANG
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "rea2seg_ray.cli", "segment"]
@@ -108,6 +108,24 @@ def test_poison_queries_become_their_own_error_rows_and_the_job_ends(ray_cluster
     assert rows["scorer-breaker"]["error_stage"] == "score"
     assert "maximum context length" in rows["scorer-breaker"]["error"]
     assert all(rows[f"normal-{i}"]["status"] == "ok" for i in range(3))
+
+
+def test_a_query_that_hangs_past_the_time_limit_is_isolated(ray_cluster, tmp_path):
+    write_scenes(tmp_path / "scenes", 1, seed=6)
+    image = json.loads((tmp_path / "scenes" / "scenes.jsonl").read_text().splitlines()[0])["image"]
+    manifest = tmp_path / "scenes" / "hang.jsonl"
+    qs = {"fine": "Where is the red thing?", "stuck": f"Please {HANG}."}
+    manifest.write_text("".join(json.dumps({"query_id": k, "image": image, "question": q}) + "\n" for k, q in qs.items()))
+    r = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "integration" / "crash_run.py"), ray_cluster["address"],
+         f"input={manifest}", f"output={tmp_path / 'out'}", "evaluate=false", "ray.progress_bars=false",
+         "limits.batch_timeout_s=8", "limits.max_attempts=1"],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    rows = {x["query_id"]: x for x in pads.dataset(str(tmp_path / "out" / "predictions"), format="parquet").to_table().to_pylist()}
+    assert rows["fine"]["status"] == "ok"
+    assert rows["stuck"]["error_stage"] == "isolated" and "ran past limits.batch_timeout_s=8" in rows["stuck"]["error"]
 
 
 def test_two_runs_started_at_once_on_one_output_never_write_a_query_twice(ray_driver, tmp_path):

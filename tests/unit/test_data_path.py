@@ -125,3 +125,25 @@ def test_limits_are_validated_where_declared_and_images_over_the_pixel_limit_are
         decode((tmp_path / "big.png").read_bytes(), "big.png", max_pixels=100_000)
     assert e.value.stage == "limit"
     assert decode((tmp_path / "big.png").read_bytes(), "big.png", max_pixels=120_000)[1] == (300, 400)
+
+
+def test_block_functions_equal_their_per_group_versions():
+    """What the shuffles run (whole sorted blocks, vectorized) equals the per-group reference, group by group."""
+    from rea2seg_ray.runtime.inputs import image_block, resolve_block
+
+    rows = [_row("a", "s", 3, image="i1"), _row("b", "s", 1, image="i2"), _row("a", "s", 2, image="i1"),
+            _row("c", "s", 4, image="i1"), _row("d", "s", 5, image="i3", error="bad row", error_stage="read")]  # fmt: skip
+    t = pa.concat_tables([query_table(rows), _done_markers(pa.array(["b", "zzz"]))])
+    t = t.sort_by("key")
+    got = resolve_block(t).sort_by([("query_id", "ascending")]).to_pylist()
+    want = pa.concat_tables(
+        [resolve_group(t.filter(pa.compute.equal(t.column("key"), k))) for k in sorted(set(t.column("key").to_pylist()))]
+    ).sort_by([("query_id", "ascending")]).to_pylist()
+    assert got == want and [r["query_id"] for r in got] == ["a", "a#duplicate@s#row3", "c", "d"]
+    keyed = pa.Table.from_pylist(got, schema=QUERY_ROW_SCHEMA).sort_by("key")
+    images = image_block(keyed, max_queries=1).to_pylist()
+    per_group = [r for k in sorted(set(keyed.column("key").to_pylist()))
+                 for r in image_rows(keyed.filter(pa.compute.equal(keyed.column("key"), k)), max_queries=1).to_pylist()]  # fmt: skip
+    assert images == per_group
+    assert [(r["image_uri"], r["part"], [q["query_id"] for q in r["queries"]]) for r in images][-2:] == [
+        ("i1", 0, ["a"]), ("i1", 1, ["c"])]
