@@ -1,7 +1,7 @@
 """Simulated two-node cluster run (a script: ray.cluster_utils.Cluster needs its own driver process).
 
 A head with 1 CPU, a "discovery" node and a "scorer" node (custom resources), the segmentation job with
-configs/cluster.yaml-style placement; once discovery calls have finished the discovery node is removed and another added. Prints one JSON line
+configs/cluster.yaml-style placement; while a discovery call runs the discovery node is removed and another added. Prints one JSON line
 with what happened; the test asserts on it.
 
     python tests/integration/placement_run.py SCENES_MANIFEST OUTPUT
@@ -30,10 +30,11 @@ def actors(kind: str) -> list:
     return [a for a in list_actors(detail=True, limit=1000) if kind in (a.class_name or "")]
 
 
-def discovered() -> bool:
-    """A discovery call has finished: rows flow (the input shuffles, a barrier, are over)."""
-    done = list_tasks(filters=[("state", "=", "FINISHED")], limit=10000, raise_on_missing_output=False)
-    return any("DiscoverStage" in (t.name or "") and "submit" in (t.name or "") for t in done)
+def discovering() -> bool:
+    """A discovery call is running: rows flow (the input shuffles, a barrier, are over). Losing a node whose
+    object store holds finished blocks not yet consumed is issue K's (Ray cannot rebuild an actor task's output)."""
+    running = list_tasks(filters=[("state", "=", "RUNNING")], limit=1000, raise_on_missing_output=False)
+    return any("DiscoverStage" in (t.name or "") and "submit" in (t.name or "") for t in running)
 
 
 def main(manifest: str, output: str) -> None:
@@ -54,7 +55,6 @@ def main(manifest: str, output: str) -> None:
     th = threading.Thread(target=lambda: result.update(summary=run_segment(cfg)))
     th.start()
     seen: set = set()  # every (actor class, node) observed: a restarted actor shows up on its new node too
-    first = None
     node_c = None
     deadline = time.time() + 600
     while th.is_alive() and time.time() < deadline:
@@ -62,12 +62,9 @@ def main(manifest: str, output: str) -> None:
         alive_s = [a for a in actors("ScoreStage") if a.state == "ALIVE"]
         for a in alive_d + alive_s:
             seen.add((a.class_name, a.node_id))
-        if node_c is None and alive_d and discovered():
-            first = first or time.time()
-            # Rows flow (the input shuffles are done; a node lost during a shuffle is issue K's): swap its node.
-            if time.time() - first > 1:
-                cluster.remove_node(node_a)
-                node_c = cluster.add_node(num_cpus=3, resources={"discovery": 1}, **loop)
+        if node_c is None and alive_d and discovering():  # discovery under way: swap its node
+            cluster.remove_node(node_a)
+            node_c = cluster.add_node(num_cpus=3, resources={"discovery": 1}, **loop)
         time.sleep(0.3)
     th.join(timeout=600)
     s = result.get("summary")
