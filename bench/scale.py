@@ -4,8 +4,8 @@ by image + count, on the cluster) and of the resume check against an existing ou
 
 For each size N the benchmark writes a manifest of 8 JSONL shards (N queries over N/2 images) and a synthetic
 predictions output of N rows in the contract schema (top-1 mask and 8 candidates per row, RLEs of random blobs at
-640x480), then measures each case in a fresh driver process (its peak RSS is that process's ``ru_maxrss``) running
-``pipeline.graph.plan``, the code ``rea2seg segment dry_run=true`` runs. The resume check reads the output through a
+640x480), then measures each case in a fresh driver process (its peak RSS is that process's high-water mark) running
+``pipeline.graph.plan``, the code ``rea2seg segment dry_run=true`` runs (peak RSS: the process's VmHWM). The resume check reads the output through a
 filesystem that counts the bytes it returns: bytes read / bytes stored shows the column projection at work.
 
     python bench/scale.py [sizes=[10000,100000,1000000]] [shards=8]
@@ -207,6 +207,16 @@ class CountingHandler(pafs.FileSystemHandler):
 # -- one measurement in a fresh driver ------------------------------------------------------------------------------
 
 
+def peak_rss() -> int:
+    """This process's peak RSS in bytes: VmHWM of its own address space (``ru_maxrss`` would carry the peak of the
+    parent it was forked from across exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def measure(manifest: str, output: str, log: str) -> None:
     """Child process: the dry run's plan (resume against ``output``), printed as one JSON line."""
     from rea2seg_ray.config import SegmentConfig
@@ -221,7 +231,7 @@ def measure(manifest: str, output: str, log: str) -> None:
     spec = resolve_input(cfg.input)
     p = plan(cfg, spec, predictions_uri(cfg), filesystem=pafs.PyFileSystem(CountingHandler(log)))
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     print(json.dumps({"wall_s": wall, "peak_rss": peak, "queries": p.queries, "images": p.images, "done": p.done}))
 
 

@@ -318,20 +318,42 @@ def _runs(keys: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 def resolve_block(block: pa.Table, keep_done: bool = False) -> pa.Table:
     """``resolve_group`` over a block sorted by key (the output of a keyed hash repartition: every row of a key is
-    in one block). Ids seen once, not yet done and valid, the overwhelming case, are keyed by image in one
-    vectorized step; the rest go through ``resolve_group`` group by group."""
+    in one block). The overwhelming cases are done in vectorized steps: an id seen once and valid (keyed by its
+    image), an id seen once and already written (dropped, or counted with ``keep_done``), markers of written ids
+    that are not in the input (dropped). Other groups (repeated ids, read errors, torn files) go through
+    ``resolve_group`` one by one."""
     if block.num_rows == 0:
         return block
     starts = _runs(block.column("key"))
     sizes = np.diff(starts)
-    single = np.repeat(sizes == 1, sizes)
+    gid = np.repeat(np.arange(len(sizes)), sizes)
     done = block.column("done").to_numpy(zero_copy_only=False)
     valid = block.column("error").is_null().to_numpy(zero_copy_only=False)
-    fast = single & ~done & valid
-    out = [block.filter(pa.array(fast)).drop_columns(["key"])]
-    out[0] = out[0].append_column("key", out[0].column("image")).select(QUERY_ROW_SCHEMA.names)
-    slow = np.flatnonzero(~fast[starts[:-1]] | (sizes > 1))
-    for g in slow:
+    written = done & pc.fill_null(pc.equal(block.column("query_id"), block.column("key")), False).to_numpy(
+        zero_copy_only=False
+    )
+    inputs = np.bincount(gid, weights=~done, minlength=len(sizes)).astype(int)
+    markers = np.bincount(gid, weights=done, minlength=len(sizes)).astype(int)
+    good_markers = np.bincount(gid, weights=written, minlength=len(sizes)).astype(int)
+    key_written = good_markers > 0
+    # Per group: 0 = drop, 1 = one valid input to key by its image, 2 = one input already written, 3 = slow path.
+    kind = np.full(len(sizes), 3)
+    kind[(inputs == 0) & (markers == good_markers)] = 0
+    single_input = (inputs == 1) & (markers == good_markers)
+    row_valid = np.bincount(gid, weights=valid & ~done, minlength=len(sizes)) > 0
+    kind[single_input & ~key_written & row_valid] = 1
+    kind[single_input & key_written] = 2
+    row_kind = kind[gid]
+    out = []
+    fast = block.filter(pa.array((row_kind == 1) & ~done))
+    out.append(fast.set_column(fast.schema.get_field_index("key"), "key", fast.column("image")))
+    if keep_done:
+        skipped = block.filter(pa.array((row_kind == 2) & ~done))
+        keys = [f"#done#{_bucket(q)}" for q in skipped.column("query_id").to_pylist()]
+        skipped = skipped.set_column(skipped.schema.get_field_index("key"), "key", pa.array(keys, pa.string()))
+        out.append(skipped.set_column(skipped.schema.get_field_index("error_stage"), "error_stage",
+                                      pa.array(["done"] * skipped.num_rows, pa.string())))  # fmt: skip
+    for g in np.flatnonzero(kind == 3):
         out.append(resolve_group(block.slice(int(starts[g]), int(sizes[g])), keep_done=keep_done))
     return pa.concat_tables(out).cast(QUERY_ROW_SCHEMA)
 

@@ -140,6 +140,10 @@ def test_block_functions_equal_their_per_group_versions():
         [resolve_group(t.filter(pa.compute.equal(t.column("key"), k))) for k in sorted(set(t.column("key").to_pylist()))]
     ).sort_by([("query_id", "ascending")]).to_pylist()
     assert got == want and [r["query_id"] for r in got] == ["a", "a#duplicate@s#row3", "c", "d"]
+    groups = [t.filter(pa.compute.equal(t.column("key"), k)) for k in sorted(set(t.column("key").to_pylist()))]
+    counted = pa.concat_tables([resolve_group(g, keep_done=True) for g in groups]).sort_by("query_id").to_pylist()
+    assert resolve_block(t, keep_done=True).sort_by("query_id").to_pylist() == counted
+    assert [r["error_stage"] for r in counted if r["query_id"] == "b"] == ["done"]
     keyed = pa.Table.from_pylist(got, schema=QUERY_ROW_SCHEMA).sort_by("key")
     images = image_block(keyed, max_queries=1).to_pylist()
     per_group = [r for k in sorted(set(keyed.column("key").to_pylist()))
