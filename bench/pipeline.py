@@ -103,7 +103,9 @@ def _image_rows(queries, source: str):
     tables = []
     for image, structs in by_image.items():
         t = query_table(structs)
-        tables.append(image_rows(t.set_column(t.schema.get_field_index("key"), "key", pa.array([image] * len(t)))))
+        tables.append(
+            image_rows(t.set_column(t.schema.get_field_index("key"), "key", pa.array([image] * len(t))))
+        )
     return pa.concat_tables(tables)
 
 
@@ -150,7 +152,9 @@ def run_pipeline(seg: SegmentConfig) -> tuple[int, float, dict, float]:
     fs, path = storage.filesystem(predictions_uri(seg))
     ds.write_parquet(path, filesystem=fs)
     wall = time.perf_counter() - t0
-    ops = ds._get_stats_summary().operators_stats  # Ray Data's per-operator stats: no timing code in the stages
+    ops = (
+        ds._get_stats_summary().operators_stats
+    )  # Ray Data's per-operator stats: no timing code in the stages
     disc = [o for o in ops if "DiscoverStage" in o.operator_name]
     score = [o for o in ops if "ScoreStage" in o.operator_name]
     busy = {"discover": sum(o.wall_time.sum for o in disc), "score": sum(o.wall_time.sum for o in score)}
@@ -213,9 +217,7 @@ def main(argv: list[str]) -> None:
         f"  ideal {cores}-core bound (1-thread loop x {cores}, perfect overlap, no overhead): {cores * n / t_one:.2f} "
         f"queries/s = {cores * t_seq / t_one:.2f}x the sequential loop, {cores * t_res / t_one:.2f}x the research loop"
     )
-    print(
-        f"  pipeline share of the ideal bound: {(n / processing) / (cores * n / t_one):.2f} (target 0.8)"
-    )
+    print(f"  pipeline share of the ideal bound: {(n / processing) / (cores * n / t_one):.2f} (target 0.8)")
     print(f"  peak RSS of all Ray processes (driver included): {peak[0] / 2**30:.2f} GiB")
     print(
         "  actor pool busy share of the processing wall time: "

@@ -232,7 +232,11 @@ def measure(manifest: str, output: str, log: str) -> None:
     p = plan(cfg, spec, predictions_uri(cfg), filesystem=pafs.PyFileSystem(CountingHandler(log)))
     wall = time.perf_counter() - t0
     peak = peak_rss()
-    print(json.dumps({"wall_s": wall, "peak_rss": peak, "queries": p.queries, "images": p.images, "done": p.done}))
+    print(
+        json.dumps(
+            {"wall_s": wall, "peak_rss": peak, "queries": p.queries, "images": p.images, "done": p.done}
+        )
+    )
 
 
 def run_case(manifest: Path, output: Path, log: Path) -> dict:

@@ -179,7 +179,9 @@ class LimitsConfig:
     # Question length in the discovery model's tokens. 0: half the scorer's context (scoring.vllm.max_model_len),
     # leaving the other half for the image tokens and the prompt.
     max_question_tokens: int = 0
-    max_image_pixels: int = 100_000_000  # width x height, checked from the image header before decoding (0: none)
+    max_image_pixels: int = (
+        100_000_000  # width x height, checked from the image header before decoding (0: none)
+    )
     # One call of a discovery or scorer actor (a batch of images) may take at most this long; past it the actor
     # exits and the batch is retried like a crash (0: no limit).
     batch_timeout_s: float = 900.0

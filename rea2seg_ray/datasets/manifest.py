@@ -36,7 +36,9 @@ def _lines(read: Callable[[int], bytes], chunk: int = 8 << 20) -> Iterator[tuple
         yield lineno + 1, rest
 
 
-def manifest_rows(read: Callable[[int], bytes], uri: str, open_parquet=None) -> Iterator[tuple[int, dict | Exception]]:
+def manifest_rows(
+    read: Callable[[int], bytes], uri: str, open_parquet=None
+) -> Iterator[tuple[int, dict | Exception]]:
     """(row number, row or the error that row is) of one manifest file, streamed. ``read(n)`` reads the file's next
     ``n`` bytes; a Parquet file is read through ``open_parquet()`` (a seekable file, row group by row group)."""
     lower = uri.lower()

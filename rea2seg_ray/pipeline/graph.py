@@ -41,7 +41,9 @@ class Plan:
     done: int = 0  # queries whose id is already in the output (resume skips them)
     invalid: int = 0  # rows that become error rows before any image is read (bad rows, duplicate ids)
     messages: list[str] = field(default_factory=list)
-    torn: list[str] = field(default_factory=list)  # unreadable output files (moved aside; their rows are redone)
+    torn: list[str] = field(
+        default_factory=list
+    )  # unreadable output files (moved aside; their rows are redone)
 
     @property
     def to_write(self) -> int:
@@ -126,7 +128,9 @@ def run_counts(pred_uri: str, run_id: str) -> dict:
     if not files:
         return counts
     fs, _ = storage.filesystem(pred_uri)
-    for b in pads.dataset(files, filesystem=fs, format="parquet").to_batches(columns=["status", "error_stage"]):
+    for b in pads.dataset(files, filesystem=fs, format="parquet").to_batches(
+        columns=["status", "error_stage"]
+    ):
         c = summarize(pa.Table.from_batches([b]))
         counts["ok"] += c["ok"]
         counts["error"] += c["error"]

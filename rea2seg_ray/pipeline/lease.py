@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from .. import storage
 
 log = logging.getLogger(__name__)
-LEASE_FILE = "_lease.json"  # Ray Data's readers skip names starting with "_": the lease is never read as output
+LEASE_FILE = (
+    "_lease.json"  # Ray Data's readers skip names starting with "_": the lease is never read as output
+)
 
 
 class LeaseHeld(RuntimeError):
@@ -54,7 +56,10 @@ def _create(uri: str, body: bytes) -> bool:
             client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
             return True
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+            if e.response.get("Error", {}).get("Code") in (
+                "PreconditionFailed",
+                "ConditionalRequestConflict",
+            ):
                 return False
             raise
     os.makedirs(os.path.dirname(uri) or ".", exist_ok=True)
@@ -118,8 +123,13 @@ class Lease:
     def _body(self) -> bytes:
         now = time.time()
         return json.dumps(
-            {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(), "acquired": now,
-             "expires": now + self.ttl}  # fmt: skip
+            {
+                "run_id": self.run_id,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "acquired": now,
+                "expires": now + self.ttl,
+            }  # fmt: skip
         ).encode()
 
     def _renew(self) -> None:

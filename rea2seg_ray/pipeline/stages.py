@@ -60,7 +60,9 @@ class ScoreStage:
         except Exception as e:  # noqa: BLE001 - one query's requests may sink the call: redo them one at a time
             if len(pairs) == 1:
                 return [e]
-            log.warning("scoring failed for a batch of %d queries (%s); retrying them one at a time", len(pairs), e)
+            log.warning(
+                "scoring failed for a batch of %d queries (%s); retrying them one at a time", len(pairs), e
+            )
             return [r for p in pairs for r in self._score(rows, [p])]
 
 
@@ -76,7 +78,9 @@ def to_predictions(rows: list[dict], models: ModelsConfig, run_id: str) -> list[
                 height=r["height"] or 0, width=r["width"] or 0, scorer_model=models.scorer,
                 discovery_model=models.discovery, run_id=run_id,
             )  # fmt: skip
-            error, stage = (q["error"], q["error_stage"]) if q["error"] is not None else (r["error"], r["error_stage"])
+            error, stage = (
+                (q["error"], q["error_stage"]) if q["error"] is not None else (r["error"], r["error_stage"])
+            )
             if error is None and not q["found"]:
                 error, stage = "not processed: no candidates reached the writer", "score"
             if error is not None:

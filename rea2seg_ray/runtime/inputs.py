@@ -47,14 +47,20 @@ QUERY_ROW_SCHEMA = pa.schema([*QUERY_FIELDS, ("key", pa.string()), ("done", pa.b
 # processing size, pixels), and an image-level error that every one of its queries inherits.
 IMAGE_ROW_SCHEMA = pa.schema(
     [
-        ("image_uri", pa.string()),  # null: a carrier of error rows (or, in a dry run, of done ids / torn files)
+        (
+            "image_uri",
+            pa.string(),
+        ),  # null: a carrier of error rows (or, in a dry run, of done ids / torn files)
         ("part", pa.int32()),  # an image with more than max_queries queries is split; part 0 comes first
         ("queries", pa.list_(QUERY_TYPE)),
         ("height", pa.int32()),
         ("width", pa.int32()),
         ("proc_h", pa.int32()),
         ("proc_w", pa.int32()),
-        ("image", pa.binary()),  # decoded RGB pixels (proc_h, proc_w, 3) uint8, raw: decoded once, never again
+        (
+            "image",
+            pa.binary(),
+        ),  # decoded RGB pixels (proc_h, proc_w, 3) uint8, raw: decoded once, never again
         ("error", pa.string()),
         ("error_stage", pa.string()),
     ]
@@ -66,7 +72,14 @@ CHUNK_ROWS = 4096  # rows per block a read task emits
 
 
 def error_struct(query_id: str, image: str, error: str, source: str, row: int, stage: str = "read") -> dict:
-    return {"query_id": query_id, "image": image, "error": error, "error_stage": stage, "source": source, "row": row}
+    return {
+        "query_id": query_id,
+        "image": image,
+        "error": error,
+        "error_stage": stage,
+        "source": source,
+        "row": row,
+    }
 
 
 def query_table(structs: list[dict]) -> pa.Table:
@@ -123,12 +136,18 @@ class ManifestDatasource(_RandomAccess):
                 except DatasetError as e:
                     own = row.get("query_id") if isinstance(row, dict) else None
                     qid = str(own) if isinstance(own, str | int) and str(own) else f"{uri}#row{rowno}"
-                    image = row.get("image") if isinstance(row, dict) and isinstance(row.get("image"), str) else ""
+                    image = (
+                        row.get("image")
+                        if isinstance(row, dict) and isinstance(row.get("image"), str)
+                        else ""
+                    )
                     chunk.append(error_struct(qid, image, str(e), uri, rowno))
                 if len(chunk) >= CHUNK_ROWS:
                     yield query_table(chunk)
                     chunk = []
-        except DatasetError as e:  # the file itself is unreadable: one error row stands for what it could not give
+        except (
+            DatasetError
+        ) as e:  # the file itself is unreadable: one error row stands for what it could not give
             chunk.append(error_struct(f"{uri}#file", "", str(e), uri, rowno + 1))
         if chunk:
             yield query_table(chunk)
@@ -350,7 +369,9 @@ def resolve_block(block: pa.Table, keep_done: bool = False) -> pa.Table:
     if keep_done:
         skipped = block.filter(pa.array((row_kind == 2) & ~done))
         keys = [f"#done#{_bucket(q)}" for q in skipped.column("query_id").to_pylist()]
-        skipped = skipped.set_column(skipped.schema.get_field_index("key"), "key", pa.array(keys, pa.string()))
+        skipped = skipped.set_column(
+            skipped.schema.get_field_index("key"), "key", pa.array(keys, pa.string())
+        )
         out.append(skipped.set_column(skipped.schema.get_field_index("error_stage"), "error_stage",
                                       pa.array(["done"] * skipped.num_rows, pa.string())))  # fmt: skip
     for g in np.flatnonzero(kind == 3):
@@ -374,7 +395,9 @@ def image_block(block: pa.Table, max_queries: int = 256) -> pa.Table:
     offsets.append(g.num_rows)
     n = g.num_rows
     cols = [pa.concat_arrays(g.column(name).chunks) for name, _ in QUERY_FIELDS]
-    queries = pa.StructArray.from_arrays([*cols, pa.nulls(n, QUERY_TYPE.field("found").type)], fields=list(QUERY_TYPE))
+    queries = pa.StructArray.from_arrays(
+        [*cols, pa.nulls(n, QUERY_TYPE.field("found").type)], fields=list(QUERY_TYPE)
+    )
     lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), queries)
     m = len(parts)
     uri = keys.take(pa.array(offsets[:-1]))
@@ -385,7 +408,12 @@ def image_block(block: pa.Table, max_queries: int = 256) -> pa.Table:
 
 
 def image_dataset(
-    cfg, spec: InputSpec, pred_uri: str | None, keep_done: bool = False, filesystem=None, rows_per_block: int = 0
+    cfg,
+    spec: InputSpec,
+    pred_uri: str | None,
+    keep_done: bool = False,
+    filesystem=None,
+    rows_per_block: int = 0,
 ):
     """Input -> one row per image (IMAGE_ROW_SCHEMA, queries not yet decoded), resume applied against the
     predictions under ``pred_uri`` (None: no resume). ``cfg`` has ``texts``, ``limit``, ``shuffle_partitions``.
@@ -402,7 +430,9 @@ def image_dataset(
     ds = ds.repartition(n, keys=["key"], sort=True).map_batches(
         resolve_block, batch_size=None, batch_format="pyarrow", fn_kwargs={"keep_done": keep_done}
     )
-    ds = ds.repartition(n, keys=["key"], sort=True).map_batches(image_block, batch_size=None, batch_format="pyarrow")
+    ds = ds.repartition(n, keys=["key"], sort=True).map_batches(
+        image_block, batch_size=None, batch_format="pyarrow"
+    )
     return ds.repartition(target_num_rows_per_block=rows_per_block) if rows_per_block else ds
 
 

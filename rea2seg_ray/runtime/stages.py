@@ -100,7 +100,9 @@ class DiscoverStage:
             q = rows[ri]["queries"][qi]
             n = self.discoverer.question_tokens(Query.from_struct(q).text())
             if n is not None and n > self.max_tokens:
-                set_error(q, f"question is {n} tokens, over limits.max_question_tokens={self.max_tokens}", "limit")
+                set_error(
+                    q, f"question is {n} tokens, over limits.max_question_tokens={self.max_tokens}", "limit"
+                )
             else:
                 todo.append((ri, qi))
         results = guarded_map(self.guard, rows, todo, lambda pairs: self._discover(rows, pairs))
@@ -115,7 +117,9 @@ class DiscoverStage:
         return pa.Table.from_pylist(rows, schema=IMAGE_ROW_SCHEMA)
 
     def _discover(self, rows: list[dict], pairs: list[tuple[int, int]]) -> list:
-        images = {ri: pixels(rows[ri]) for ri in {ri for ri, _ in pairs}}  # one array (one SAM embedding) per image
+        images = {
+            ri: pixels(rows[ri]) for ri in {ri for ri, _ in pairs}
+        }  # one array (one SAM embedding) per image
         queries = []
         for ri, qi in pairs:
             q = Query.from_struct(rows[ri]["queries"][qi])
@@ -127,7 +131,9 @@ class DiscoverStage:
         except Exception as e:  # noqa: BLE001 - a batch-wide failure: redo one query at a time so only the bad one errs
             if len(pairs) == 1:
                 return [e]
-            log.warning("discovery failed for a batch of %d queries (%s); retrying them one at a time", len(pairs), e)
+            log.warning(
+                "discovery failed for a batch of %d queries (%s); retrying them one at a time", len(pairs), e
+            )
             return [r for p in pairs for r in self._discover(rows, [p])]
 
 

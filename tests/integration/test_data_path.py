@@ -35,7 +35,9 @@ def _s3fs(endpoint):
                              access_key="testing", secret_key="testing")  # fmt: skip
 
 
-def test_sharded_s3_input_one_row_per_query_each_image_decoded_once(ray_driver, scenes_dir, s3_bucket, s3_server):
+def test_sharded_s3_input_one_row_per_query_each_image_decoded_once(
+    ray_driver, scenes_dir, s3_bucket, s3_server
+):
     rows = [json.loads(line) for line in (scenes_dir / "scenes.jsonl").read_text().splitlines()]
     shared = dict(rows[0], query_id="second-look", question="And which one is the largest?")
     shards = {
@@ -64,7 +66,11 @@ def test_sharded_s3_input_one_row_per_query_each_image_decoded_once(ray_driver, 
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "13 written: 13 ok, 0 error" in r.stdout
     assert "(12 images)" in r.stdout  # 12 image rows reached decode: the shared image once
-    out = pads.dataset(f"{s3_bucket}/runs/r1/predictions", format="parquet", filesystem=fs).to_table().to_pylist()
+    out = (
+        pads.dataset(f"{s3_bucket}/runs/r1/predictions", format="parquet", filesystem=fs)
+        .to_table()
+        .to_pylist()
+    )
     assert len(out) == 13 and len({o["query_id"] for o in out}) == 13
     both = [o for o in out if o["query_id"] in ("second-look", rows[0]["query_id"])]
     assert len(both) == 2 and both[0]["image_uri"] == both[1]["image_uri"]
@@ -89,7 +95,9 @@ def test_poison_queries_become_their_own_error_rows_and_the_job_ends(ray_cluster
     }
     assert len(qs["huge"]) >= 200_000
     manifest = tmp_path / "scenes" / "poison.jsonl"
-    manifest.write_text("".join(json.dumps({"query_id": k, "image": image, "question": q}) + "\n" for k, q in qs.items()))
+    manifest.write_text(
+        "".join(json.dumps({"query_id": k, "image": image, "question": q}) + "\n" for k, q in qs.items())
+    )
     out = tmp_path / "out"
     r = subprocess.run(
         [sys.executable, str(REPO / "tests" / "integration" / "crash_run.py"), ray_cluster["address"],
@@ -99,10 +107,16 @@ def test_poison_queries_become_their_own_error_rows_and_the_job_ends(ray_cluster
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert json.loads(r.stdout.strip().splitlines()[-1]) == {"rows_in": 6, "written": 6, "ok": 3, "error": 3}
-    rows = {x["query_id"]: x for x in pads.dataset(str(out / "predictions"), format="parquet").to_table().to_pylist()}
+    rows = {
+        x["query_id"]: x
+        for x in pads.dataset(str(out / "predictions"), format="parquet").to_table().to_pylist()
+    }
     assert len(rows) == 6
     assert rows["huge"]["error_stage"] == "limit"
-    assert "over limits.max_question_tokens=5000" in rows["huge"]["error"] and "question is" in rows["huge"]["error"]
+    assert (
+        "over limits.max_question_tokens=5000" in rows["huge"]["error"]
+        and "question is" in rows["huge"]["error"]
+    )
     assert rows["crash"]["error_stage"] == "isolated"
     assert "attempted 2 times" in rows["crash"]["error"] and "died" in rows["crash"]["error"]
     assert rows["scorer-breaker"]["error_stage"] == "score"
@@ -115,7 +129,9 @@ def test_a_query_that_hangs_past_the_time_limit_is_isolated(ray_cluster, tmp_pat
     image = json.loads((tmp_path / "scenes" / "scenes.jsonl").read_text().splitlines()[0])["image"]
     manifest = tmp_path / "scenes" / "hang.jsonl"
     qs = {"fine": "Where is the red thing?", "stuck": f"Please {HANG}."}
-    manifest.write_text("".join(json.dumps({"query_id": k, "image": image, "question": q}) + "\n" for k, q in qs.items()))
+    manifest.write_text(
+        "".join(json.dumps({"query_id": k, "image": image, "question": q}) + "\n" for k, q in qs.items())
+    )
     r = subprocess.run(
         [sys.executable, str(REPO / "tests" / "integration" / "crash_run.py"), ray_cluster["address"],
          f"input={manifest}", f"output={tmp_path / 'out'}", "evaluate=false", "ray.progress_bars=false",
@@ -123,9 +139,15 @@ def test_a_query_that_hangs_past_the_time_limit_is_isolated(ray_cluster, tmp_pat
         capture_output=True, text=True, timeout=600, env=dict(os.environ),
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    rows = {x["query_id"]: x for x in pads.dataset(str(tmp_path / "out" / "predictions"), format="parquet").to_table().to_pylist()}
+    rows = {
+        x["query_id"]: x
+        for x in pads.dataset(str(tmp_path / "out" / "predictions"), format="parquet").to_table().to_pylist()
+    }
     assert rows["fine"]["status"] == "ok"
-    assert rows["stuck"]["error_stage"] == "isolated" and "ran past limits.batch_timeout_s=8" in rows["stuck"]["error"]
+    assert (
+        rows["stuck"]["error_stage"] == "isolated"
+        and "ran past limits.batch_timeout_s=8" in rows["stuck"]["error"]
+    )
 
 
 def test_two_runs_started_at_once_on_one_output_never_write_a_query_twice(ray_driver, tmp_path):
@@ -145,7 +167,9 @@ def test_two_runs_started_at_once_on_one_output_never_write_a_query_twice(ray_dr
     assert codes == [0, 2], [x.stderr[-2000:] for x in results]
     loser = next(x for x in results if x.returncode == 2)
     assert "another run is writing to" in loser.stderr and "pid" in loser.stderr
-    rows = pads.dataset(str(tmp_path / "out" / "predictions"), format="parquet").to_table(columns=["query_id"])
+    rows = pads.dataset(str(tmp_path / "out" / "predictions"), format="parquet").to_table(
+        columns=["query_id"]
+    )
     ids = rows.column("query_id").to_pylist()
     assert len(ids) == 10 == len(set(ids))
     assert not (tmp_path / "out" / "_lease.json").exists()  # released when the winner ended

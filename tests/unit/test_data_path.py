@@ -28,9 +28,15 @@ from rea2seg_ray.runtime.inputs import (
 
 
 def _shards(tmp_path):
-    (tmp_path / "a.jsonl").write_text(json.dumps({"query_id": "q1", "image": "x.jpg", "question": "a"}) + "\n")
-    (tmp_path / "b.jsonl").write_text(json.dumps({"query_id": "q1", "image": "y.jpg", "question": "b"}) + "\n")
-    pq.write_table(pa.Table.from_pylist([{"query_id": "q2", "image": "x.jpg", "question": "c"}]), tmp_path / "c.parquet")
+    (tmp_path / "a.jsonl").write_text(
+        json.dumps({"query_id": "q1", "image": "x.jpg", "question": "a"}) + "\n"
+    )
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({"query_id": "q1", "image": "y.jpg", "question": "b"}) + "\n"
+    )
+    pq.write_table(
+        pa.Table.from_pylist([{"query_id": "q2", "image": "x.jpg", "question": "c"}]), tmp_path / "c.parquet"
+    )
     (tmp_path / "x.jpg").write_bytes(b"")
     return tmp_path
 
@@ -39,7 +45,11 @@ def test_input_may_be_a_file_a_folder_of_mixed_shards_or_a_glob(tmp_path):
     d = _shards(tmp_path)
     assert resolve_input(str(d / "a.jsonl")).files == [str(d / "a.jsonl")]
     folder = resolve_input(str(d))
-    assert folder.kind == "manifest" and [os.path.basename(f) for f in folder.files] == ["a.jsonl", "b.jsonl", "c.parquet"]
+    assert folder.kind == "manifest" and [os.path.basename(f) for f in folder.files] == [
+        "a.jsonl",
+        "b.jsonl",
+        "c.parquet",
+    ]
     assert [os.path.basename(f) for f in resolve_input(str(d / "[ab].jsonl")).files] == ["a.jsonl", "b.jsonl"]
     with pytest.raises(DatasetError, match="no manifest files"):
         resolve_input(str(d / "*.csv"))
@@ -60,7 +70,9 @@ def test_first_row_of_a_repeated_id_wins_and_the_others_become_error_rows():
     t = query_table([_row("q", "s3://b/m/part-1.jsonl", 4), _row("q", "s3://b/m/part-0.jsonl", 9)])
     out = resolve_group(t).to_pylist()
     assert [r["query_id"] for r in out] == ["q", f"q{DUPLICATE_MARK}s3://b/m/part-1.jsonl#row4"]
-    assert out[0]["source"].endswith("part-0.jsonl") and out[0]["error"] is None and out[0]["key"] == "img.jpg"
+    assert (
+        out[0]["source"].endswith("part-0.jsonl") and out[0]["error"] is None and out[0]["key"] == "img.jpg"
+    )
     assert "duplicate query_id 'q' (first at s3://b/m/part-0.jsonl row 9)" in out[1]["error"]
     assert out[1]["key"].startswith("#error#")
 
@@ -105,7 +117,9 @@ def test_a_second_run_is_refused_while_the_first_holds_the_output(tmp_path):
 
 
 def test_a_lease_whose_driver_died_is_taken_over(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     import socket
     import time
 
@@ -119,9 +133,14 @@ def test_a_lease_whose_driver_died_is_taken_over(tmp_path):
 def test_limits_are_validated_where_declared_and_images_over_the_pixel_limit_are_refused_undecoded(tmp_path):
     with pytest.raises(ValueError, match="max_attempts"):
         load_config(SegmentConfig, None, ["limits.max_attempts=0"])
-    assert LimitsConfig().question_tokens(4096) == 2048 and LimitsConfig(max_question_tokens=9).question_tokens(4096) == 9
+    assert (
+        LimitsConfig().question_tokens(4096) == 2048
+        and LimitsConfig(max_question_tokens=9).question_tokens(4096) == 9
+    )
     Image.fromarray(np.zeros((300, 400, 3), np.uint8)).save(tmp_path / "big.png")
-    with pytest.raises(DecodeError, match=r"400x300 = 120000 pixels, over limits.max_image_pixels=100000") as e:
+    with pytest.raises(
+        DecodeError, match=r"400x300 = 120000 pixels, over limits.max_image_pixels=100000"
+    ) as e:
         decode((tmp_path / "big.png").read_bytes(), "big.png", max_pixels=100_000)
     assert e.value.stage == "limit"
     assert decode((tmp_path / "big.png").read_bytes(), "big.png", max_pixels=120_000)[1] == (300, 400)
@@ -136,12 +155,23 @@ def test_block_functions_equal_their_per_group_versions():
     t = pa.concat_tables([query_table(rows), _done_markers(pa.array(["b", "zzz"]))])
     t = t.sort_by("key")
     got = resolve_block(t).sort_by([("query_id", "ascending")]).to_pylist()
-    want = pa.concat_tables(
-        [resolve_group(t.filter(pa.compute.equal(t.column("key"), k))) for k in sorted(set(t.column("key").to_pylist()))]
-    ).sort_by([("query_id", "ascending")]).to_pylist()
+    want = (
+        pa.concat_tables(
+            [
+                resolve_group(t.filter(pa.compute.equal(t.column("key"), k)))
+                for k in sorted(set(t.column("key").to_pylist()))
+            ]
+        )
+        .sort_by([("query_id", "ascending")])
+        .to_pylist()
+    )
     assert got == want and [r["query_id"] for r in got] == ["a", "a#duplicate@s#row3", "c", "d"]
-    groups = [t.filter(pa.compute.equal(t.column("key"), k)) for k in sorted(set(t.column("key").to_pylist()))]
-    counted = pa.concat_tables([resolve_group(g, keep_done=True) for g in groups]).sort_by("query_id").to_pylist()
+    groups = [
+        t.filter(pa.compute.equal(t.column("key"), k)) for k in sorted(set(t.column("key").to_pylist()))
+    ]
+    counted = (
+        pa.concat_tables([resolve_group(g, keep_done=True) for g in groups]).sort_by("query_id").to_pylist()
+    )
     assert resolve_block(t, keep_done=True).sort_by("query_id").to_pylist() == counted
     assert [r["error_stage"] for r in counted if r["query_id"] == "b"] == ["done"]
     keyed = pa.Table.from_pylist(got, schema=QUERY_ROW_SCHEMA).sort_by("key")
@@ -150,4 +180,6 @@ def test_block_functions_equal_their_per_group_versions():
                  for r in image_rows(keyed.filter(pa.compute.equal(keyed.column("key"), k)), max_queries=1).to_pylist()]  # fmt: skip
     assert images == per_group
     assert [(r["image_uri"], r["part"], [q["query_id"] for q in r["queries"]]) for r in images][-2:] == [
-        ("i1", 0, ["a"]), ("i1", 1, ["c"])]
+        ("i1", 0, ["a"]),
+        ("i1", 1, ["c"]),
+    ]
