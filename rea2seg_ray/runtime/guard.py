@@ -57,7 +57,8 @@ class Guard:
     """Runs a stage's work on units of queries under the ledger and a watchdog.
 
     ``run(units, work)``: ``units`` is a list of (query id, payload); ``work(payloads)`` processes a list of
-    payloads and returns one result per payload; an isolated query's result is an ``Isolated`` exception. With no ledger (outside Ray, e.g. a benchmark's in-process loop) it just calls ``work``.
+    payloads and returns one result per payload; an isolated query's result is an ``Isolated`` exception. With no
+    ledger (outside Ray, e.g. a benchmark's in-process loop) it just calls ``work``.
     """
 
     def __init__(self, stage: str, ledger_name: str | None, max_attempts: int, timeout_s: float):
@@ -67,10 +68,7 @@ class Guard:
     def _watched(self, key: str, fn: Callable[[], list]) -> list:
         if not self.timeout_s:
             return fn()
-        fired = threading.Event()
-
         def expire() -> None:
-            fired.set()
             reason = f"it ran past limits.batch_timeout_s={self.timeout_s:g}"
             log.error("%s: call %s %s; exiting so Ray restarts this actor", self.stage, key, reason)
             try:
@@ -88,7 +86,9 @@ class Guard:
 
     def run(self, units: list[tuple[str, object]], work: Callable[[list], list]) -> list:
         """``units``: (query id, payload) per query. Returns one result per unit, in order."""
-        if self.ledger is None or not units:
+        if not units:
+            return []
+        if self.ledger is None:
             return work([p for _, p in units])
         key = unit_key(self.stage, [q for q, _ in units])
         deaths, why = ray.get(self.ledger.begin.remote(key))
