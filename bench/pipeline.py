@@ -132,6 +132,13 @@ def _sequential(cfg: SegmentConfig, queries, research: bool) -> tuple[float, flo
     return load, time.perf_counter() - t0
 
 
+def _operator_stats(summary):
+    """Every operator's stats of an executed dataset (a write's summary holds its upstream operators as parents)."""
+    yield from summary.operators_stats
+    for parent in summary.parents:
+        yield from _operator_stats(parent)
+
+
 def run_pipeline(seg: SegmentConfig) -> tuple[int, float, dict, float]:
     """The job's own graph (plan, then the run), written like `rea2seg segment` writes it. Returns (rows written,
     processing seconds: first discovery call to last scorer call, busy seconds per pool, wall seconds)."""
@@ -152,9 +159,7 @@ def run_pipeline(seg: SegmentConfig) -> tuple[int, float, dict, float]:
     fs, path = storage.filesystem(predictions_uri(seg))
     ds.write_parquet(path, filesystem=fs)
     wall = time.perf_counter() - t0
-    ops = (
-        ds._get_stats_summary().operators_stats
-    )  # Ray Data's per-operator stats: no timing code in the stages
+    ops = list(_operator_stats(ds.get_stats_summary()))  # Ray Data's own stats: no timing code in the stages
     disc = [o for o in ops if "DiscoverStage" in o.operator_name]
     score = [o for o in ops if "ScoreStage" in o.operator_name]
     busy = {"discover": sum(o.wall_time.sum for o in disc), "score": sum(o.wall_time.sum for o in score)}
