@@ -148,13 +148,13 @@ def run_pipeline(seg: SegmentConfig) -> tuple[int, float, dict, float]:
     from rea2seg_ray import storage
     from rea2seg_ray.pipeline.graph import build_dataset, plan, predictions_uri
     from rea2seg_ray.runtime import init_ray
-    from rea2seg_ray.runtime.guard import Ledger
+    from rea2seg_ray.runtime.guard import start_ledger
 
     t0 = time.perf_counter()
     init_ray(seg.ray)
     spec = resolve_input(seg.input)
     plan(seg, spec, predictions_uri(seg))
-    keeper = Ledger.options(name="rea2seg-ledger-bench").remote()
+    keeper = start_ledger("rea2seg-ledger-bench")
     ds = build_dataset(seg, spec, "bench", "rea2seg-ledger-bench")
     fs, path = storage.filesystem(predictions_uri(seg))
     ds.write_parquet(path, filesystem=fs)

@@ -174,10 +174,10 @@ def run_segment(cfg: SegmentConfig) -> RunSummary:
         if p.to_write:
             import ray
 
-            from ..runtime.guard import Ledger
+            from ..runtime.guard import start_ledger
 
             ledger = f"rea2seg-ledger-{run_id}"
-            keeper = Ledger.options(name=ledger).remote()  # noqa: F841 - lives as long as this handle
+            keeper = start_ledger(ledger)
             ds = build_dataset(cfg, spec, run_id, ledger)
             fs, path = storage.filesystem(out_uri)
             if not storage.is_remote(out_uri):

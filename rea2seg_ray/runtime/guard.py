@@ -26,7 +26,7 @@ class Isolated(RuntimeError):
     """The result for a query the guard isolated: it killed or hung its worker too often to be run again."""
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
+@ray.remote(num_cpus=0, max_restarts=-1)
 class Ledger:
     """Attempts begun and not ended, per unit of work (a batch's or one query's ids); memory grows only with the
     units in flight and the poison queries found."""
@@ -49,6 +49,14 @@ class Ledger:
         self.reasons[key] = reason
 
 
+def start_ledger(name: str):
+    """The run's ledger, on the driver's node (soft affinity): a worker node's loss must not take it along."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return Ledger.options(name=name, scheduling_strategy=here).remote()
+
+
 def unit_key(stage: str, query_ids: list[str]) -> str:
     return stage + ":" + hashlib.blake2b("\n".join(sorted(query_ids)).encode(), digest_size=12).hexdigest()
 
@@ -65,14 +73,27 @@ class Guard:
         self.stage, self.max_attempts, self.timeout_s = stage, max_attempts, timeout_s
         self.ledger = ray.get_actor(ledger_name) if ledger_name else None
 
+    def _ask(self, method: str, key: str):
+        """A ledger call; None when the ledger cannot answer (a restarted ledger has forgotten nothing that matters
+        more than the batch in hand: the work goes on unguarded rather than failing)."""
+        try:
+            return ray.get(getattr(self.ledger, method).remote(key), timeout=60)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+            log.warning(
+                "%s: the poison-query ledger did not answer (%s); running this call unguarded", self.stage, e
+            )
+            return None
+
     def _watched(self, key: str, fn: Callable[[], list]) -> list:
         if not self.timeout_s:
             return fn()
+
         def expire() -> None:
             reason = f"it ran past limits.batch_timeout_s={self.timeout_s:g}"
             log.error("%s: call %s %s; exiting so Ray restarts this actor", self.stage, key, reason)
             try:
-                ray.get(self.ledger.note.remote(key, reason), timeout=10) if self.ledger else None
+                if self.ledger is not None:
+                    ray.get(self.ledger.note.remote(key, reason), timeout=10)
             finally:
                 os._exit(1)
 
@@ -91,7 +112,7 @@ class Guard:
         if self.ledger is None:
             return work([p for _, p in units])
         key = unit_key(self.stage, [q for q, _ in units])
-        deaths, why = ray.get(self.ledger.begin.remote(key))
+        deaths, why = self._ask("begin", key) or (0, "")
         if deaths < self.max_attempts:
             out = self._watched(key, lambda: work([p for _, p in units]))
             self.ledger.end.remote(key)
@@ -103,7 +124,7 @@ class Guard:
         out = []
         for qid, payload in units:
             k = unit_key(self.stage, [qid])
-            d, why = ray.get(self.ledger.begin.remote(k))
+            d, why = self._ask("begin", k) or (0, "")
             if d >= self.max_attempts:
                 out.append(Isolated(self._message(d, why)))  # left open: a retried batch skips it at once
                 continue

@@ -1,7 +1,7 @@
 """Simulated two-node cluster run (a script: ray.cluster_utils.Cluster needs its own driver process).
 
 A head with 1 CPU, a "discovery" node and a "scorer" node (custom resources), the segmentation job with
-configs/cluster.yaml-style placement; while a discovery call runs the discovery node is removed and another added. Prints one JSON line
+configs/cluster.yaml-style placement; while the first discovery call runs the discovery node is removed and another added. Prints one JSON line
 with what happened; the test asserts on it.
 
     python tests/integration/placement_run.py SCENES_MANIFEST OUTPUT
@@ -30,11 +30,13 @@ def actors(kind: str) -> list:
     return [a for a in list_actors(detail=True, limit=1000) if kind in (a.class_name or "")]
 
 
-def discovering() -> bool:
-    """A discovery call is running: rows flow (the input shuffles, a barrier, are over). Losing a node whose
-    object store holds finished blocks not yet consumed is issue K's (Ray cannot rebuild an actor task's output)."""
-    running = list_tasks(filters=[("state", "=", "RUNNING")], limit=1000, raise_on_missing_output=False)
-    return any("DiscoverStage" in (t.name or "") and "submit" in (t.name or "") for t in running)
+def first_discovery_call() -> bool:
+    """The first discovery call is running and none has finished: rows flow (the input shuffles, a barrier, are
+    over) and the node holds no finished discovery block yet. Losing a node that holds blocks an actor made and
+    nobody consumed yet (or the shuffles' aggregator output) is issue K's: Ray does not rebuild them reliably."""
+    name = "MapWorker(MapBatches(DiscoverStage)).submit"
+    disc = list_tasks(filters=[("name", "=", name)], limit=1000, raise_on_missing_output=False)
+    return any(t.state == "RUNNING" for t in disc) and not any(t.state == "FINISHED" for t in disc)
 
 
 def main(manifest: str, output: str) -> None:
@@ -47,7 +49,7 @@ def main(manifest: str, output: str) -> None:
     cfg = load_config(SegmentConfig, "cluster.yaml", [
         f"input={manifest}", f"output={output}", "evaluate=false", "ray.progress_bars=false",
         f"ray.address={cluster.address}",
-        "discover_pool.size=1", "discover_pool.num_cpus=1", "discover_pool.num_gpus=0", "discover_pool.batch_size=1",
+        "discover_pool.size=1", "discover_pool.num_cpus=1", "discover_pool.num_gpus=0", "discover_pool.batch_size=8",
         "score_pool.num_cpus=1", "score_pool.num_gpus=0", "score_pool.batch_size=2",
         "discovery.mllm_batch_size=1", "discovery.sam_batch_size=1", "scoring.vllm.gpu_memory_utilization=0.85",
     ])  # fmt: skip
@@ -62,7 +64,7 @@ def main(manifest: str, output: str) -> None:
         alive_s = [a for a in actors("ScoreStage") if a.state == "ALIVE"]
         for a in alive_d + alive_s:
             seen.add((a.class_name, a.node_id))
-        if node_c is None and alive_d and discovering():  # discovery under way: swap its node
+        if node_c is None and alive_d and first_discovery_call():  # discovery under way: swap its node
             cluster.remove_node(node_a)
             node_c = cluster.add_node(num_cpus=3, resources={"discovery": 1}, **loop)
         time.sleep(0.3)
