@@ -29,7 +29,7 @@ from rea2seg_ray.config import SegmentConfig, load_config
 from rea2seg_ray.datasets import read_queries, resolve_input
 from rea2seg_ray.datasets.synthetic import write_scenes
 from rea2seg_ray.pipeline.stages import ScoreStage
-from rea2seg_ray.runtime.inputs import image_rows, query_table
+from rea2seg_ray.runtime.inputs import image_block, query_table
 from rea2seg_ray.runtime.stages import DiscoverStage, decode_images
 
 
@@ -95,18 +95,12 @@ def sequential(cfg: SegmentConfig, queries, research: bool, threads: int = 0) ->
 
 def _image_rows(queries, source: str):
     """The job's image rows for ``queries`` (one per image, input order), built in-process."""
-    import pyarrow as pa
 
-    by_image: dict[str, list[dict]] = {}
-    for i, q in enumerate(queries):
-        by_image.setdefault(q.image, []).append(q.to_struct(source, i + 1))
-    tables = []
-    for image, structs in by_image.items():
-        t = query_table(structs)
-        tables.append(
-            image_rows(t.set_column(t.schema.get_field_index("key"), "key", pa.array([image] * len(t))))
-        )
-    return pa.concat_tables(tables)
+    t = query_table([q.to_struct(source, i + 1) for i, q in enumerate(queries)])
+    t = t.set_column(
+        t.schema.get_field_index("key"), "key", t.column("image")
+    )  # keyed by image, as the job does
+    return image_block(t)
 
 
 def _sequential(cfg: SegmentConfig, queries, research: bool) -> tuple[float, float]:

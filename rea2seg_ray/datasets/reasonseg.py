@@ -88,6 +88,18 @@ def _find_image(stem_uri: str, files: set[str]) -> str | None:
     return None
 
 
+def annotation_queries(anno: dict, name: str, image: str, gt_json: str, texts: str = "first") -> list[Query]:
+    """The queries of one parsed annotation: ``<name>`` (first text) or ``<name>:<i>`` (every text, ``texts="all"``);
+    the category is the JSON's ``category`` when present, else ``long`` / ``short`` from ``is_sentence``."""
+    category = str(anno.get("category") or ("long" if anno.get("is_sentence") else "short"))
+    chosen = list(enumerate(anno["text"]))[: 1 if texts == "first" else None]
+    return [
+        Query(query_id=name if texts == "first" else f"{name}:{i}", image=image, question=text, category=category,
+              gt_json=gt_json)
+        for i, text in chosen
+    ]  # fmt: skip
+
+
 def iter_reasonseg(folder: str, texts: str = "first", strict: bool = True) -> Iterator[Query]:
     """Yield one Query per annotation (or per text with ``texts="all"``), sorted by file name.
 
@@ -119,10 +131,4 @@ def iter_reasonseg(folder: str, texts: str = "first", strict: bool = True) -> It
                 meta={"error": str(e), "error_stage": "read"},
             )
             continue
-        category = str(anno.get("category") or ("long" if anno.get("is_sentence") else "short"))
-        chosen = list(enumerate(anno["text"]))
-        if texts == "first":
-            chosen = chosen[:1]
-        for i, text in chosen:
-            qid = name if texts == "first" else f"{name}:{i}"
-            yield Query(query_id=qid, image=image, question=text, category=category, gt_json=jpath)
+        yield from annotation_queries(anno, name, image, jpath, texts)

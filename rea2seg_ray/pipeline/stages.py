@@ -4,7 +4,6 @@ for the writer (error rows included: rows out == rows in).
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 
 import pyarrow as pa
@@ -14,12 +13,10 @@ from ..records import Prediction, Query, predictions_table
 from ..runtime.guard import Guard
 from ..runtime.stages import found_candidates, guarded_map, pixels, runnable, set_error
 
-log = logging.getLogger(__name__)
-
 
 class ScoreStage:
     """Ray Data actor UDF around ``Scorer``: every candidate of every runnable query of a batch of images in one
-    backend call; a backend failure is retried query by query so that only the failing query's row errs."""
+    backend call (``guarded_map`` retries a failed call query by query, so only the failing query's row errs)."""
 
     def __init__(
         self,
@@ -55,15 +52,7 @@ class ScoreStage:
         images = {ri: pixels(rows[ri]) for ri in {ri for ri, _ in pairs}}
         queries = [Query.from_struct(rows[ri]["queries"][qi]) for ri, qi in pairs]
         cands = [found_candidates(rows[ri]["queries"][qi]) for ri, qi in pairs]
-        try:
-            return self.scorer.score(queries, [images[ri] for ri, _ in pairs], cands)
-        except Exception as e:  # noqa: BLE001 - one query's requests may sink the call: redo them one at a time
-            if len(pairs) == 1:
-                return [e]
-            log.warning(
-                "scoring failed for a batch of %d queries (%s); retrying them one at a time", len(pairs), e
-            )
-            return [r for p in pairs for r in self._score(rows, [p])]
+        return self.scorer.score(queries, [images[ri] for ri, _ in pairs], cands)
 
 
 def to_predictions(rows: list[dict], models: ModelsConfig, run_id: str) -> list[Prediction]:

@@ -4,10 +4,10 @@
 folder; local or ``s3://``. The driver lists file paths only; Ray Data read tasks parse and validate the rows
 (``QUERY_ROW_SCHEMA``: a bad row becomes an error row). Then two shuffles:
 
-1. by query id (``resolve_group``): the first row of a repeated id (by shard path, then row number) keeps it, the
+1. by query id (``resolve_block``, ``resolve_group``): the first row of a repeated id (by shard path, then row number) keeps it, the
    others become error rows naming the duplicate; ids already in the output (read from the ``query_id`` column
    alone) are dropped, which is the resume anti-join;
-2. by image (``image_rows``): one row per distinct image holding all of its queries (``IMAGE_ROW_SCHEMA``), so each
+2. by image (``image_block``): one row per distinct image holding all of its queries (``IMAGE_ROW_SCHEMA``), so each
    image is fetched and decoded once however its queries are spread over shards. Error rows ride along in rows
    without an image, so one linear pipeline carries every input row to the writer: rows out == rows in.
 """
@@ -28,9 +28,9 @@ from ray.data.datasource.file_based_datasource import FileBasedDatasource
 
 from .. import storage
 from ..datasets.manifest import manifest_rows, row_to_query
-from ..datasets.reasonseg import IMAGE_EXTS, DatasetError
+from ..datasets.reasonseg import IMAGE_EXTS, DatasetError, annotation_queries, parse_annotation
 from ..datasets.shards import InputSpec, listing, scheme_of
-from ..records import QUERY_FIELDS, QUERY_TYPE, Query
+from ..records import QUERY_FIELDS, QUERY_TYPE
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +45,19 @@ CARRIER_BUCKETS = 64
 QUERY_ROW_SCHEMA = pa.schema([*QUERY_FIELDS, ("key", pa.string()), ("done", pa.bool_())])
 # One row per image (or per carrier of rows without one): its queries, then what decode adds (original and
 # processing size, pixels), and an image-level error that every one of its queries inherits.
+# image_uri is null for a carrier of error rows (or, in a dry run, of done ids / torn files); an image with more than
+# max_queries queries is split into parts (0 first); image holds the decoded RGB pixels (proc_h, proc_w, 3) uint8,
+# raw: decoded once, never again.
 IMAGE_ROW_SCHEMA = pa.schema(
     [
-        (
-            "image_uri",
-            pa.string(),
-        ),  # null: a carrier of error rows (or, in a dry run, of done ids / torn files)
-        ("part", pa.int32()),  # an image with more than max_queries queries is split; part 0 comes first
+        ("image_uri", pa.string()),
+        ("part", pa.int32()),
         ("queries", pa.list_(QUERY_TYPE)),
         ("height", pa.int32()),
         ("width", pa.int32()),
         ("proc_h", pa.int32()),
         ("proc_w", pa.int32()),
-        (
-            "image",
-            pa.binary(),
-        ),  # decoded RGB pixels (proc_h, proc_w, 3) uint8, raw: decoded once, never again
+        ("image", pa.binary()),
         ("error", pa.string()),
         ("error_stage", pa.string()),
     ]
@@ -145,9 +142,8 @@ class ManifestDatasource(_RandomAccess):
                 if len(chunk) >= CHUNK_ROWS:
                     yield query_table(chunk)
                     chunk = []
-        except (
-            DatasetError
-        ) as e:  # the file itself is unreadable: one error row stands for what it could not give
+        except DatasetError as e:
+            # The file itself is unreadable: one error row stands for what it could not give.
             chunk.append(error_struct(f"{uri}#file", "", str(e), uri, rowno + 1))
         if chunk:
             yield query_table(chunk)
@@ -174,8 +170,6 @@ class ReasonSegDatasource(_RandomAccess):
         image = self._find_image(stem)
         image_uri = self.scheme + (image or stem + ".jpg")
         try:
-            from ..datasets.reasonseg import parse_annotation
-
             anno = parse_annotation(f.read(), uri)
             if image is None:
                 raise DatasetError(f"{self.scheme}{stem}.jpg: image not found (annotation {uri})")
@@ -184,13 +178,8 @@ class ReasonSegDatasource(_RandomAccess):
             s["gt_json"] = uri
             yield query_table([s])
             return
-        category = str(anno.get("category") or ("long" if anno.get("is_sentence") else "short"))
-        chosen = list(enumerate(anno["text"]))[: 1 if self.texts == "first" else None]
-        yield query_table([
-            Query(query_id=name if self.texts == "first" else f"{name}:{i}", image=image_uri, question=text,
-                  category=category, gt_json=uri).to_struct(uri, i + 1)
-            for i, text in chosen
-        ])  # fmt: skip
+        queries = annotation_queries(anno, name, image_uri, uri, self.texts)
+        yield query_table([q.to_struct(uri, i + 1) for i, q in enumerate(queries)])
 
 
 class DoneIdsDatasource(_RandomAccess):
@@ -265,11 +254,6 @@ def resolve_group(group: pa.Table, keep_done: bool = False) -> pa.Table:
     source path, then row number) keeps the id; later rows become error rows under ``<id>#duplicate@<where>``;
     rows whose final id is already in the output are dropped (``keep_done``: kept, marked done, for counting).
     Each row's ``key`` becomes its image shuffle key."""
-    if group.num_rows == 1 and not group.column("done")[0].as_py():  # the common case, without Python rows
-        error = group.column("error")[0].as_py()
-        qid = group.column("query_id")[0].as_py()
-        key = group.column("image")[0].as_py() if error is None else f"#error#{_bucket(qid)}"
-        return group.set_column(group.schema.get_field_index("key"), "key", pa.array([key], pa.string()))
     rows = group.to_pylist()
     done = {r["query_id"] for r in rows if r["done"] and r["query_id"] is not None}
     # Torn-file markers are counted in a dry run (and the files moved aside before a real run writes).
@@ -297,27 +281,6 @@ def resolve_group(group: pa.Table, keep_done: bool = False) -> pa.Table:
             r["key"] = r["image"]
         r["done"] = False
     return pa.Table.from_pylist(out, schema=QUERY_ROW_SCHEMA)
-
-
-def image_rows(group: pa.Table, max_queries: int = 256) -> pa.Table:
-    """All query rows of one image (or one carrier bucket) -> IMAGE_ROW_SCHEMA rows of at most ``max_queries``
-    queries each, in input order (one row in all but extreme cases: the image is decoded once per row)."""
-    key = group.column("key")[0].as_py()
-    g = group.take(pc.sort_indices(group, sort_keys=[("source", "ascending"), ("row", "ascending")]))
-    n = g.num_rows
-    cols = [pa.concat_arrays(g.column(name).chunks) for name, _ in QUERY_FIELDS]
-    found = pa.nulls(n, QUERY_TYPE.field("found").type)
-    queries = pa.StructArray.from_arrays([*cols, found], fields=list(QUERY_TYPE))
-    starts = list(range(0, n, max_queries))
-    lists = pa.ListArray.from_arrays(pa.array([*starts, n], pa.int32()), queries)
-    m = len(starts)
-    columns = {f.name: pa.nulls(m, f.type) for f in IMAGE_ROW_SCHEMA}
-    columns.update(
-        image_uri=pa.array([None if key.startswith("#") else key] * m, pa.string()),
-        part=pa.array(range(m), pa.int32()),
-        queries=lists,
-    )
-    return pa.table(columns, schema=IMAGE_ROW_SCHEMA)
 
 
 def partitions_for(spec: InputSpec, configured: int = 0) -> int:
@@ -380,8 +343,9 @@ def resolve_block(block: pa.Table, keep_done: bool = False) -> pa.Table:
 
 
 def image_block(block: pa.Table, max_queries: int = 256) -> pa.Table:
-    """``image_rows`` over a block sorted by key: one IMAGE_ROW_SCHEMA row per image (per ``max_queries`` of its
-    queries), queries in input order, built with Arrow list offsets rather than Python rows."""
+    """Query rows keyed by image (or carrier bucket), every row of a key in this block -> one IMAGE_ROW_SCHEMA row
+    per image (per ``max_queries`` of its queries: the image is decoded once per row), queries in input order,
+    built with Arrow list offsets rather than Python rows."""
     if block.num_rows == 0:
         return pa.table({f.name: pa.array([], f.type) for f in IMAGE_ROW_SCHEMA}, schema=IMAGE_ROW_SCHEMA)
     g = block.take(pc.sort_indices(block, sort_keys=[("key", "ascending"), ("source", "ascending"),

@@ -60,14 +60,34 @@ def set_error(q: dict, message: str, stage: str) -> None:
     q["error"], q["error_stage"] = message, stage
 
 
+def one_at_a_time(work: Callable[[list], list], what: str) -> Callable[[list], list]:
+    """``work`` whose batch-wide exception is retried item by item, so only the item that raises gets it as its
+    result (a backend failure on one query's requests fails that query's row only)."""
+
+    def run(items: list) -> list:
+        try:
+            return work(items)
+        except Exception as e:  # noqa: BLE001 - isolate below
+            if len(items) == 1:
+                return [e]
+            log.warning(
+                "%s failed for a batch of %d queries (%s); retrying them one at a time", what, len(items), e
+            )
+            return [r for item in items for r in run([item])]
+
+    return run
+
+
 def guarded_map(
     guard: Guard,
     rows: list[dict],
     todo: list[tuple[int, int]],
     work: Callable[[list[tuple[int, int]]], list],
 ) -> list:
-    """Run ``work`` on the (row, query) pairs under the poison guard; isolated queries come back as errors."""
-    results = guard.run([(rows[ri]["queries"][qi]["query_id"], (ri, qi)) for ri, qi in todo], work)
+    """Run ``work`` on the (row, query) pairs under the poison guard, a batch-wide exception retried query by query;
+    isolated queries come back as errors."""
+    units = [(rows[ri]["queries"][qi]["query_id"], (ri, qi)) for ri, qi in todo]
+    results = guard.run(units, one_at_a_time(work, guard.stage))
     for (ri, qi), res in zip(todo, results, strict=True):
         if isinstance(res, Isolated):
             set_error(rows[ri]["queries"][qi], str(res), "isolated")
@@ -126,15 +146,7 @@ class DiscoverStage:
             if q.candidates:  # given candidates live at the original size; discovery sees the processing size
                 q.candidates = [resize_rle(c, (rows[ri]["proc_h"], rows[ri]["proc_w"])) for c in q.candidates]
             queries.append(q)
-        try:
-            return self.discoverer.discover(queries, [images[ri] for ri, _ in pairs])
-        except Exception as e:  # noqa: BLE001 - a batch-wide failure: redo one query at a time so only the bad one errs
-            if len(pairs) == 1:
-                return [e]
-            log.warning(
-                "discovery failed for a batch of %d queries (%s); retrying them one at a time", len(pairs), e
-            )
-            return [r for p in pairs for r in self._discover(rows, [p])]
+        return self.discoverer.discover(queries, [images[ri] for ri, _ in pairs])
 
 
 def found_candidates(q: dict) -> list[Candidate]:

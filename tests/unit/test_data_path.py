@@ -21,7 +21,7 @@ from rea2seg_ray.runtime.inputs import (
     DUPLICATE_MARK,
     QUERY_ROW_SCHEMA,
     _done_markers,
-    image_rows,
+    image_block,
     query_table,
     resolve_group,
 )
@@ -91,10 +91,10 @@ def test_ids_already_written_are_skipped_duplicates_included():
 def test_queries_of_one_image_travel_in_one_row_in_input_order():
     t = query_table([_row(f"q{i}", "a", 10 - i, image="s3://b/i.jpg") for i in range(5)])
     t = t.set_column(t.schema.get_field_index("key"), "key", t.column("image"))  # as resolve_group keys them
-    rows = image_rows(t).to_pylist()
+    rows = image_block(t).to_pylist()
     assert len(rows) == 1 and rows[0]["image_uri"] == "s3://b/i.jpg"
     assert [q["query_id"] for q in rows[0]["queries"]] == ["q4", "q3", "q2", "q1", "q0"]
-    parts = image_rows(t, max_queries=2).to_pylist()
+    parts = image_block(t, max_queries=2).to_pylist()
     assert [p["part"] for p in parts] == [0, 1, 2] and sum(len(p["queries"]) for p in parts) == 5
 
 
@@ -148,27 +148,18 @@ def test_limits_are_validated_where_declared_and_images_over_the_pixel_limit_are
 
 def test_block_functions_equal_their_per_group_versions():
     """What the shuffles run (whole sorted blocks, vectorized) equals the per-group reference, group by group."""
-    from rea2seg_ray.runtime.inputs import image_block, resolve_block
+    from rea2seg_ray.runtime.inputs import resolve_block
 
     rows = [_row("a", "s", 3, image="i1"), _row("b", "s", 1, image="i2"), _row("a", "s", 2, image="i1"),
             _row("c", "s", 4, image="i1"), _row("d", "s", 5, image="i3", error="bad row", error_stage="read")]  # fmt: skip
     t = pa.concat_tables([query_table(rows), _done_markers(pa.array(["b", "zzz"]))])
     t = t.sort_by("key")
-    got = resolve_block(t).sort_by([("query_id", "ascending")]).to_pylist()
-    want = (
-        pa.concat_tables(
-            [
-                resolve_group(t.filter(pa.compute.equal(t.column("key"), k)))
-                for k in sorted(set(t.column("key").to_pylist()))
-            ]
-        )
-        .sort_by([("query_id", "ascending")])
-        .to_pylist()
-    )
-    assert got == want and [r["query_id"] for r in got] == ["a", "a#duplicate@s#row3", "c", "d"]
     groups = [
         t.filter(pa.compute.equal(t.column("key"), k)) for k in sorted(set(t.column("key").to_pylist()))
     ]
+    got = resolve_block(t).sort_by("query_id").to_pylist()
+    want = pa.concat_tables([resolve_group(g) for g in groups]).sort_by("query_id").to_pylist()
+    assert got == want and [r["query_id"] for r in got] == ["a", "a#duplicate@s#row3", "c", "d"]
     counted = (
         pa.concat_tables([resolve_group(g, keep_done=True) for g in groups]).sort_by("query_id").to_pylist()
     )
@@ -177,7 +168,7 @@ def test_block_functions_equal_their_per_group_versions():
     keyed = pa.Table.from_pylist(got, schema=QUERY_ROW_SCHEMA).sort_by("key")
     images = image_block(keyed, max_queries=1).to_pylist()
     per_group = [r for k in sorted(set(keyed.column("key").to_pylist()))
-                 for r in image_rows(keyed.filter(pa.compute.equal(keyed.column("key"), k)), max_queries=1).to_pylist()]  # fmt: skip
+                 for r in image_block(keyed.filter(pa.compute.equal(keyed.column("key"), k)), max_queries=1).to_pylist()]  # fmt: skip
     assert images == per_group
     assert [(r["image_uri"], r["part"], [q["query_id"] for q in r["queries"]]) for r in images][-2:] == [
         ("i1", 0, ["a"]),
