@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_SAMPLES = REPO.parent / "shared" / "data" / "reasonseg-samples"
+# A real ReasonSeg annotation (format sample) kept in the repository: a user's clone has no ../shared.
+REASONSEG_SAMPLES = REPO / "tests" / "assets" / "reasonseg-samples"
 
 # Ray reads these when it is first imported: set them before any test module can import ray. Without
 # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 a driver rewrites 127.0.0.1 to the host's own address and leaves loopback.

@@ -15,7 +15,7 @@ from rea2seg_ray.datasets import load_ground_truth, read_queries
 from rea2seg_ray.masks import encode_rle, mask_bbox
 from rea2seg_ray.records import Candidate, Prediction, predictions_table
 
-from ..conftest import SHARED_SAMPLES, upload_tree
+from ..conftest import REASONSEG_SAMPLES, upload_tree
 
 RUN = [sys.executable, "-m", "rea2seg_ray.cli"]
 
@@ -61,7 +61,7 @@ def _run(*args):
 def test_ground_truth_copy_scores_one_on_reasonseg_folder(tmp_path):
     folder = tmp_path / "reasonseg"
     folder.mkdir()
-    shutil.copy(SHARED_SAMPLES / "scene0104_00_0.json", folder)
+    shutil.copy(REASONSEG_SAMPLES / "scene0104_00_0.json", folder)
     Image.new("RGB", (320, 240)).save(folder / "scene0104_00_0.jpg")
     pq.write_table(predictions_table(gt_copy_predictions(str(folder))), tmp_path / "preds.parquet")
     r = _run(f"predictions={tmp_path / 'preds.parquet'}", f"dataset={folder}", f"output={tmp_path / 'ev'}")

@@ -10,9 +10,9 @@ from PIL import Image
 from rea2seg_ray.datasets import DatasetError, load_ground_truth, read_queries
 from rea2seg_ray.records import make_query_id
 
-from ..conftest import SHARED_SAMPLES
+from ..conftest import REASONSEG_SAMPLES
 
-SAMPLE_JSON = SHARED_SAMPLES / "scene0104_00_0.json"
+SAMPLE_JSON = REASONSEG_SAMPLES / "scene0104_00_0.json"
 
 
 def _reasonseg_folder(tmp_path):
@@ -27,9 +27,6 @@ def _reasonseg_folder(tmp_path):
     (folder / "b_two_texts.json").write_text(json.dumps(anno))
     Image.new("RGB", (320, 240)).save(folder / "b_two_texts.png")
     return folder
-
-
-pytestmark = pytest.mark.skipif(not SAMPLE_JSON.exists(), reason="shared ReasonSeg sample absent")
 
 
 def test_reasonseg_folder_queries_ids_and_categories(tmp_path):

@@ -20,7 +20,7 @@ from rea2seg_ray.masks import (
     shapes_to_mask,
 )
 
-from ..conftest import SHARED_SAMPLES
+from ..conftest import REASONSEG_SAMPLES
 
 
 def test_rle_roundtrip_and_contract_decoding():
@@ -81,11 +81,8 @@ def _lisa_reference(anno: dict, h: int, w: int) -> np.ndarray:
     return mask
 
 
-@pytest.mark.skipif(
-    not (SHARED_SAMPLES / "scene0104_00_0.json").exists(), reason="shared ReasonSeg sample absent"
-)
 def test_real_reasonseg_annotation_matches_lisa_to_the_pixel():
-    anno = json.loads((SHARED_SAMPLES / "scene0104_00_0.json").read_text())
+    anno = json.loads((REASONSEG_SAMPLES / "scene0104_00_0.json").read_text())
     m = shapes_to_mask(anno["shapes"], 240, 320)
     assert np.array_equal(m, _lisa_reference(anno, 240, 320))
     assert (m == 1).sum() > 1000 and (m == IGNORE).sum() > 0  # the hole is there and kept as ignore
