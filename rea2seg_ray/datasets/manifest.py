@@ -111,7 +111,7 @@ def row_to_query(row: dict, base: str, where: str) -> Query:
         raise DatasetError(
             f"{where}: 'candidate_descriptions' must be a list of strings, one per entry of 'candidates'"
         )
-    for key in ("question", "category", "gt_json"):
+    for key in ("question", "category", "gt_json", "reasoning", "cot"):
         if row.get(key) is not None and not isinstance(row.get(key), str):
             raise DatasetError(f"{where}: '{key}' must be a string")
     gt_mask = row.get("gt_mask")
@@ -120,9 +120,6 @@ def row_to_query(row: dict, base: str, where: str) -> Query:
     cands = row.get("candidates")
     if cands is not None and (not isinstance(cands, list) or not all(_is_rle(c) for c in cands)):
         raise DatasetError(f"{where}: 'candidates' must be a list of COCO RLEs {{size: [h, w], counts: str}}")
-    for key in ("reasoning", "cot"):
-        if row.get(key) is not None and not isinstance(row.get(key), str):
-            raise DatasetError(f"{where}: '{key}' must be a string")
     return Query(
         query_id=str(qid),
         image=image_uri,

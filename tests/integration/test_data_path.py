@@ -106,7 +106,9 @@ def test_poison_queries_become_their_own_error_rows_and_the_job_ends(ray_cluster
         capture_output=True, text=True, timeout=600, env=dict(os.environ),
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    assert json.loads(r.stdout.strip().splitlines()[-1]) == {"rows_in": 6, "written": 6, "ok": 3, "error": 3}
+    # Ray's raylet may print after the summary line: find the summary by its opening.
+    summary = [line for line in r.stdout.splitlines() if line.startswith('{"rows_in"')][-1]
+    assert json.loads(summary) == {"rows_in": 6, "written": 6, "ok": 3, "error": 3}
     rows = {
         x["query_id"]: x
         for x in pads.dataset(str(out / "predictions"), format="parquet").to_table().to_pylist()
