@@ -64,6 +64,15 @@ class AttentionConfig:
     last_n: int = 4
     generate_tokens: int = 8  # answer tokens generated for query_tokens=generated
     smooth_sigma: float = 0.6  # Gaussian smoothing of the token-grid map, in token cells (0: off)
+    # sdpa: fast attention in every layer, question-row weights recomputed at the chosen layers only (same maps,
+    # a fraction of the memory); eager: every layer computes its full weights (the reference, slow and large).
+    implementation: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.implementation not in ("sdpa", "eager"):
+            raise ValueError(
+                f"discovery.attention.implementation must be sdpa | eager, not {self.implementation!r}"
+            )
 
 
 @dataclass
@@ -100,7 +109,14 @@ class DiscoveryConfig:
         "Find the object the question refers to. Answer only with JSON: "
         '{"bbox": [x1, y1, x2, y2], "points": [[x, y], [x, y]]}'
     )
-    text_box_coords: str = "normalized_1000"  # normalized_1000 (Qwen2-VL) | resized (Qwen2.5-VL) | original
+    # Coordinates of the text-box answer: auto (the discovery model's family: normalized_1000 for Qwen2-VL and
+    # Qwen3-VL, resized for Qwen2.5-VL) | normalized_1000 | resized (the processor's resized image) | original.
+    text_box_coords: str = "auto"
+
+    def __post_init__(self) -> None:
+        coords = ("auto", "normalized_1000", "resized", "original")
+        if self.text_box_coords not in coords:
+            raise ValueError(f"discovery.text_box_coords must be one of {coords}, not {self.text_box_coords!r}")
 
 
 @dataclass

@@ -57,8 +57,13 @@ class Discoverer:
         self.needs_mllm = any(s in cfg.sources for s in ("attention", "text_box"))
         self.mapper = None
         if self.needs_mllm:
+            impl = "eager"
+            if cfg.attention.implementation == "sdpa":
+                from .attention import register_capture_attention
+
+                impl = register_capture_attention()
             vlm, processor = load_vlm(
-                models.discovery, self.device, self.dtype, "eager", cache, models.allow_hub
+                models.discovery, self.device, self.dtype, impl, cache, models.allow_hub
             )
             self.mapper = AttentionMapper(vlm, processor, cfg.attention)
         # SAM only when a source prompts it: `given` candidates alone need neither model.
@@ -181,7 +186,10 @@ class Discoverer:
             )
         if "text_box" in self.cfg.sources and answer:
             resized = self.mapper.resized_size(heat.grid.shape) if heat is not None else None
-            parsed = parse_box_answer(answer, h, w, self.cfg.text_box_coords, resized)
+            coords = self.cfg.text_box_coords
+            if coords == "auto":
+                coords = self.mapper.adapter.family.box_coords
+            parsed = parse_box_answer(answer, h, w, coords, resized)
             if parsed is not None:
                 sam_masks += self.prompter.predict_box_and_points(emb, parsed[0], parsed[1])
                 self.counts["text_box_parsed"] += 1

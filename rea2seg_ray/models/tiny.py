@@ -1,7 +1,8 @@
 """Offline, deterministic tiny models for tests, CI and the demo (``rea2seg build-tiny-models``).
 
-- a tiny Qwen2-VL: byte-level BPE tokenizer trained here on a built-in corpus, the Qwen2-VL special tokens and chat
-  template, a Qwen2-VL image processor; random weights saved as safetensors (loadable by transformers and vLLM);
+- tiny Qwen2-VL, Qwen2.5-VL and Qwen3-VL: a byte-level BPE tokenizer trained here on a built-in corpus, the Qwen
+  special tokens, each family's chat template and image processor (patch 14 or 16, 2x2 merge), the family's real
+  config class at reduced sizes; random weights saved as safetensors (loadable by transformers and vLLM);
 - a tiny SAM from segment_anything's modules: ``sam_config.json`` + ``model.safetensors``.
 
 They go through the same loaders as real checkpoints (``rea2seg_ray.models.loading``).
@@ -36,11 +37,26 @@ QWEN2VL_CHAT_TEMPLATE = (
     "<|im_start|>assistant\n{% endif %}"
 )
 
+# Qwen3-VL's template has the same turn and vision-token layout, without a default system turn.
+QWEN3VL_CHAT_TEMPLATE = QWEN2VL_CHAT_TEMPLATE.replace(
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}",
+    "",
+)
+assert QWEN3VL_CHAT_TEMPLATE != QWEN2VL_CHAT_TEMPLATE
+
 # Named tiny presets. initializer_range: ~0.02 gives flat attention (useless heat maps) and a loss plateau; larger
 # values give structured attention (discovery) or a trainable start (scorer). See FIELD-NOTES.md.
+# Each preset names its family (models.families); the newer families' presets serve as discovery model and scorer.
 TINY_VLM_PRESETS: dict[str, dict] = {
-    "tiny-qwen2-vl": dict(initializer_range=0.3, min_pixels=56 * 56, max_pixels=336 * 336),
-    "tiny-qwen2-vl-scorer": dict(initializer_range=0.06, min_pixels=56 * 56, max_pixels=112 * 112),
+    "tiny-qwen2-vl": dict(family="qwen2-vl", initializer_range=0.3, min_pixels=56 * 56, max_pixels=336 * 336),
+    "tiny-qwen2-vl-scorer": dict(
+        family="qwen2-vl", initializer_range=0.06, min_pixels=56 * 56, max_pixels=112 * 112
+    ),
+    "tiny-qwen2.5-vl": dict(
+        family="qwen2.5-vl", initializer_range=0.3, min_pixels=56 * 56, max_pixels=336 * 336
+    ),
+    "tiny-qwen3-vl": dict(family="qwen3-vl", initializer_range=0.3, min_pixels=64 * 64, max_pixels=384 * 384),
 }
 TINY_SAM_PRESETS: dict[str, dict] = {"tiny-sam": dict(model_type="tiny")}
 
@@ -115,27 +131,8 @@ def build_tokenizer(vocab_size: int = 1024):
     return tok
 
 
-def build_tiny_qwen2_vl(
-    output: str | Path,
-    seed: int = 0,
-    initializer_range: float = 0.3,
-    min_pixels: int = 56 * 56,
-    max_pixels: int = 336 * 336,
-) -> Path:
-    """Write a random-init tiny Qwen2-VL (model, tokenizer, processor, chat template) to ``output``."""
-    from transformers import (
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
-
-    out = Path(output)
-    tok = build_tokenizer()
-    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN2VL_SPECIAL_TOKENS}
-    vocab_size = ((len(tok) + 63) // 64) * 64
-    text_config = dict(
+def _qwen_text_config(ids: dict, vocab_size: int, initializer_range: float, **extra) -> dict:
+    return dict(
         vocab_size=vocab_size,
         hidden_size=128,
         intermediate_size=256,
@@ -145,44 +142,128 @@ def build_tiny_qwen2_vl(
         max_position_embeddings=4096,
         rms_norm_eps=1e-6,
         initializer_range=initializer_range,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]},
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=True,
+        **extra,
     )
-    vision_config = dict(
-        depth=2,
-        embed_dim=64,
-        hidden_size=128,
-        num_heads=2,
-        mlp_ratio=2,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        in_channels=3,
-        initializer_range=initializer_range,
-    )
-    config = Qwen2VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
+
+
+def _qwen_family_parts(
+    family: str, ids: dict, vocab_size: int, initializer_range: float, size: dict, pixels: dict
+):
+    """(config, model class, image processor, processor class, video processor, chat template) of a tiny preset."""
+    import transformers as tf
+
+    # mrope_section: the rotary halves (head_dim 64 -> 32) split over (time, height, width).
+    rope = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]}
+    tokens = dict(
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True,
     )
-    config.architectures = ["Qwen2VLForConditionalGeneration"]
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).to(torch.float32).eval()
+    if family == "qwen2-vl":
+        config = tf.Qwen2VLConfig(
+            text_config=_qwen_text_config(ids, vocab_size, initializer_range, rope_parameters=rope),
+            vision_config=dict(
+                depth=2,
+                embed_dim=64,
+                hidden_size=128,
+                num_heads=2,
+                mlp_ratio=2,
+                patch_size=14,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                in_channels=3,
+                initializer_range=initializer_range,
+            ),  # fmt: skip
+            **tokens,
+        )
+        parts = (tf.Qwen2VLForConditionalGeneration, tf.Qwen2VLProcessor, tf.Qwen2VLVideoProcessor, 14)
+        template = QWEN2VL_CHAT_TEMPLATE
+    elif family == "qwen2.5-vl":
+        config = tf.Qwen2_5_VLConfig(
+            text_config=_qwen_text_config(ids, vocab_size, initializer_range, rope_parameters=rope),
+            vision_config=dict(
+                depth=2,
+                hidden_size=64,
+                intermediate_size=128,
+                num_heads=2,
+                out_hidden_size=128,
+                patch_size=14,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                window_size=112,
+                fullatt_block_indexes=[1],
+                initializer_range=initializer_range,
+            ),  # fmt: skip
+            **tokens,
+        )
+        parts = (tf.Qwen2_5_VLForConditionalGeneration, tf.Qwen2_5_VLProcessor, tf.Qwen2VLVideoProcessor, 14)
+        template = QWEN2VL_CHAT_TEMPLATE
+    elif family == "qwen3-vl":
+        config = tf.Qwen3VLConfig(
+            text_config=_qwen_text_config(
+                ids,
+                vocab_size,
+                initializer_range,
+                head_dim=64,
+                rope_parameters={**rope, "rope_theta": 5000000.0, "mrope_interleaved": True},
+            ),  # fmt: skip
+            vision_config=dict(
+                depth=2,
+                hidden_size=64,
+                intermediate_size=128,
+                num_heads=2,
+                out_hidden_size=128,
+                patch_size=16,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                num_position_embeddings=576,
+                deepstack_visual_indexes=[1],
+                initializer_range=initializer_range,
+            ),  # fmt: skip
+            **tokens,
+        )
+        parts = (tf.Qwen3VLForConditionalGeneration, tf.Qwen3VLProcessor, tf.Qwen3VLVideoProcessor, 16)
+        template = QWEN3VL_CHAT_TEMPLATE
+    else:
+        raise ValueError(f"no tiny builder for family {family!r}")
+    model_cls, processor_cls, video_cls, patch = parts
+    image_processor = tf.Qwen2VLImageProcessor(size=size, patch_size=patch, merge_size=2, **pixels)
+    video_processor = video_cls(size=size, patch_size=patch, merge_size=2, **pixels)
+    return config, model_cls, image_processor, processor_cls, video_processor, template
+
+
+def build_tiny_vlm(
+    output: str | Path,
+    family: str = "qwen2-vl",
+    seed: int = 0,
+    initializer_range: float = 0.3,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 336 * 336,
+) -> Path:
+    """Write a random-init tiny VLM of ``family`` (model, tokenizer, processor, chat template) to ``output``."""
+    out = Path(output)
+    tok = build_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN2VL_SPECIAL_TOKENS}
+    vocab_size = ((len(tok) + 63) // 64) * 64
     size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-    image_processor = Qwen2VLImageProcessor(size=size, min_pixels=min_pixels, max_pixels=max_pixels)
-    video_processor = Qwen2VLVideoProcessor(size=size, min_pixels=min_pixels, max_pixels=max_pixels)
-    processor = Qwen2VLProcessor(
+    config, model_cls, image_processor, processor_cls, video_processor, template = _qwen_family_parts(
+        family, ids, vocab_size, initializer_range, size, dict(min_pixels=min_pixels, max_pixels=max_pixels)
+    )
+    config.architectures = [model_cls.__name__]
+    tok.chat_template = template
+    torch.manual_seed(seed)
+    model = model_cls(config).to(torch.float32).eval()
+    processor = processor_cls(
         image_processor=image_processor,
         tokenizer=tok,
         video_processor=video_processor,
-        chat_template=QWEN2VL_CHAT_TEMPLATE,
+        chat_template=template,
     )
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
@@ -233,7 +314,7 @@ def build_tiny_models(
             continue
         with building(dest, "ok") as tmp:
             if name in TINY_VLM_PRESETS:
-                build_tiny_qwen2_vl(tmp, seed=seed, **TINY_VLM_PRESETS[name])
+                build_tiny_vlm(tmp, seed=seed, **TINY_VLM_PRESETS[name])
             elif name in TINY_SAM_PRESETS:
                 build_tiny_sam(tmp, seed=seed)
             else:

@@ -17,6 +17,7 @@ import torch
 
 from ..config import FinetuneConfig
 from ..images import decode, fetch
+from ..models.families import VLMFamily, family_of_dir
 from ..scoring.prompts import candidate_messages, render_chat, with_final_question
 from ..scoring.render import render_query
 
@@ -41,8 +42,21 @@ class ImageCache:
         return image
 
 
+def _last_occurrence(row: list[int], sub: list[int]) -> int:
+    for i in range(len(row) - len(sub), -1, -1):
+        if row[i : i + len(sub)] == sub:
+            return i
+    raise ValueError("assistant header not found in a training row: does the chat template match the family?")
+
+
 def collate(
-    examples: list[dict], processor, scfg, input_size, images: ImageCache, answer_ids: dict[str, int]
+    examples: list[dict],
+    processor,
+    scfg,
+    input_size,
+    images: ImageCache,
+    answer_ids: dict[str, int],
+    family: VLMFamily,
 ):
     """Examples -> (model inputs, labels). Each example is the exact prompt the scorer sees, followed by its
     answer; labels are -100 except at the answer token (the one position whose logits the scorer reads).
@@ -71,8 +85,9 @@ def collate(
         pics += [base, cand] if scfg.show_original else [cand]
     inputs = processor(text=texts, images=pics, return_tensors="pt", padding=True)
     ids = inputs["input_ids"]
-    # Left padding: every row ends "<answer><|im_end|>\n", so the answer sits at the same offset from the end.
-    suffix = len(processor.tokenizer.encode("<|im_end|>\n", add_special_tokens=False))
+    # Left padding: every row ends "<answer>" + the family's turn end (e.g. "<|im_end|>\n"), so the answer sits at
+    # the same offset from the end.
+    suffix = len(processor.tokenizer.encode(family.turn_end + family.turn_sep, add_special_tokens=False))
     pos = ids.shape[1] - 1 - suffix
     labels = torch.full_like(ids, -100)
     want = torch.tensor([answer_ids[e["label"]] for e in examples])
@@ -80,12 +95,11 @@ def collate(
         raise ValueError("answer token not where expected: is the tokenizer padding on the left?")
     labels[:, pos] = want
     if scfg.reasoning:
-        # The assistant turn starts after the last "<|im_start|>assistant" (left padding keeps it per row).
-        start_id = processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
-        header = 1 + len(processor.tokenizer.encode("assistant", add_special_tokens=False))
+        # The assistant turn starts after the family's last assistant header (left padding keeps it per row).
+        header = processor.tokenizer.encode(family.assistant_header, add_special_tokens=False)
         for i, row in enumerate(ids.tolist()):
-            h = len(row) - 1 - row[::-1].index(start_id)
-            labels[i, h + header : pos] = ids[i, h + header : pos]
+            h = _last_occurrence(row, header)
+            labels[i, h + len(header) : pos] = ids[i, h + len(header) : pos]
     return dict(inputs), labels
 
 
@@ -209,6 +223,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = str(ray.train.torch.get_device())
     model, processor = load_scorer_for_training(config["model_path"], cfg, device)
     answer_ids = answer_token_ids(processor.tokenizer, cfg.scoring)
+    family = family_of_dir(config["model_path"])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, tc.warmup_steps, tc.max_steps))
@@ -248,7 +263,7 @@ def train_loop_per_worker(config: dict) -> None:
         ):
             seen += 1
             inputs, labels = collate(
-                batch.to_pylist(), processor, cfg.scoring, input_size, images, answer_ids
+                batch.to_pylist(), processor, cfg.scoring, input_size, images, answer_ids, family
             )
             inputs = {k: v.to(device) for k, v in inputs.items()}
             loss, answer = training_loss(model(**inputs).logits, labels, tc.answer_weight)

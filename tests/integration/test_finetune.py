@@ -17,6 +17,7 @@ from PIL import Image
 from rea2seg_ray.config import FinetuneConfig, MakeScoringDataConfig, ModelsConfig, ScoringConfig, load_config
 from rea2seg_ray.datasets import read_queries
 from rea2seg_ray.datasets.synthetic import write_scenes
+from rea2seg_ray.models.families import family_of_dir
 from rea2seg_ray.models.loading import resolve_model
 from rea2seg_ray.records import Candidate
 from rea2seg_ray.scoring.scorer import Scorer, model_input_size_fn
@@ -71,7 +72,9 @@ def test_make_scoring_data_labels_and_balances(scoring_data):
 def _loss(model, processor, rows, cfg):
     ids = answer_token_ids(processor.tokenizer, cfg.scoring)
     path = resolve_model("tiny-qwen2-vl-scorer")
-    inputs, labels = collate(rows, processor, cfg.scoring, model_input_size_fn(path), ImageCache(), ids)
+    inputs, labels = collate(
+        rows, processor, cfg.scoring, model_input_size_fn(path), ImageCache(), ids, family_of_dir(path)
+    )
     with torch.no_grad():
         return float(model(**inputs, labels=labels).loss)
 

@@ -45,6 +45,7 @@ def test_collate_puts_the_only_label_on_the_answer_token(model_cache, label):
     from transformers import AutoProcessor
 
     from rea2seg_ray.config import ScoringConfig
+    from rea2seg_ray.models.families import family_of_dir
     from rea2seg_ray.models.loading import resolve_model
     from rea2seg_ray.scoring.scorer import model_input_size_fn
     from rea2seg_ray.train.loop import ImageCache, answer_token_ids, collate
@@ -55,7 +56,9 @@ def test_collate_puts_the_only_label_on_the_answer_token(model_cache, label):
     ex = _sample_examples(2, label=label)
     ex[1]["question"] += " please"  # prompts of different lengths
     ids = answer_token_ids(proc.tokenizer, ScoringConfig())
-    inputs, labels = collate(ex, proc, ScoringConfig(), model_input_size_fn(path), ImageCache(), ids)
+    inputs, labels = collate(
+        ex, proc, ScoringConfig(), model_input_size_fn(path), ImageCache(), ids, family_of_dir(path)
+    )
     assert (labels != -100).sum() == 2  # one answer token per example, whatever the prompt lengths
     assert set(labels[labels != -100].tolist()) == {ids[label]}
     assert inputs["input_ids"].shape == labels.shape
@@ -74,6 +77,7 @@ def test_collate_with_reasoning_trains_the_turn_the_scorer_is_served(model_cache
     from transformers import AutoProcessor
 
     from rea2seg_ray.config import ScoringConfig
+    from rea2seg_ray.models.families import family_of_dir
     from rea2seg_ray.models.loading import resolve_model
     from rea2seg_ray.scoring.prompts import candidate_messages, render_chat, with_final_question
     from rea2seg_ray.scoring.scorer import model_input_size_fn
@@ -91,12 +95,14 @@ def test_collate_with_reasoning_trains_the_turn_the_scorer_is_served(model_cache
     ):
         e.update(reasoning=why, label=label)
     inputs, labels = collate(
-        ex, proc, scfg, model_input_size_fn(path), ImageCache(), answer_token_ids(proc.tokenizer, scfg)
-    )
+        ex, proc, scfg, model_input_size_fn(path), ImageCache(), answer_token_ids(proc.tokenizer, scfg),
+        family_of_dir(path),
+    )  # fmt: skip
     tok = proc.tokenizer
     for i, e in enumerate(ex):
         trained = tok.decode(labels[i][labels[i] != -100])
-        assert trained == "\n" + with_final_question(e["reasoning"]) + e["label"]
+        # Trained from the first token after the assistant header, which the served prompt already ends with.
+        assert trained == with_final_question(e["reasoning"]) + e["label"]
         served = render_chat(
             proc, candidate_messages(e["question"], "overlay", reasoning=True, show_original=False)
         )
@@ -107,7 +113,7 @@ def test_collate_with_reasoning_trains_the_turn_the_scorer_is_served(model_cache
         assert row.replace(pad, "") == served.replace(pad, "") + turn and "step by step" in served
     # Without scoring.reasoning the reasoning column is ignored: one answer token per row.
     _, plain = collate(ex, proc, ScoringConfig(show_original=False), model_input_size_fn(path), ImageCache(),
-                       answer_token_ids(tok, scfg))  # fmt: skip
+                       answer_token_ids(tok, scfg), family_of_dir(path))  # fmt: skip
     assert (plain != -100).sum() == 3
 
 

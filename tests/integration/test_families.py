@@ -1,0 +1,122 @@
+"""Model families through the registry: every tiny VLM preset gives heat maps, the fast attention path (SDPA
+everywhere, question-row weights recomputed at the chosen layers) equals eager attention within 1e-4, and each
+newer family runs `rea2seg segment` as discovery model and vLLM scorer."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+from pycocotools import mask as coco
+
+from rea2seg_ray.config import AttentionConfig
+from rea2seg_ray.discovery.attention import AttentionMapper, register_capture_attention
+from rea2seg_ray.models.families import family_of
+from rea2seg_ray.models.loading import load_vlm
+from rea2seg_ray.models.tiny import TINY_VLM_PRESETS
+
+DISCOVERY_PRESETS = [n for n in TINY_VLM_PRESETS if not n.endswith("-scorer")]
+
+
+def _images():
+    rng = np.random.default_rng(3)
+    # Two sizes in one batch, so the shorter prompt is left-padded and the padding mask matters.
+    return [
+        rng.integers(0, 255, (200, 300, 3), dtype=np.uint8),
+        rng.integers(0, 255, (330, 250, 3), dtype=np.uint8),
+    ]
+
+
+@pytest.mark.parametrize("preset", DISCOVERY_PRESETS)
+@pytest.mark.parametrize(
+    "attention",
+    [
+        AttentionConfig(),  # last layer, mean over heads and question tokens
+        AttentionConfig(layers=[], head_reduce="max", layer_reduce="max"),  # every layer
+        AttentionConfig(layers=[0], query_tokens="last_n", last_n=2),
+    ],
+    ids=["last-layer", "all-layers-max", "first-layer-last2"],
+)
+def test_fast_attention_equals_eager(model_cache, preset, attention):
+    eager_model, processor = load_vlm(preset, attn_implementation="eager")
+    fast_model, fast_processor = load_vlm(preset, attn_implementation=register_capture_attention())
+    assert fast_model.config.text_config._attn_implementation != "eager"
+    texts = [
+        "Which shape is the largest red one?",
+        "Segment the thing you would use to open a bottle, please.",
+    ]
+    eager = AttentionMapper(eager_model, processor, attention)
+    fast = AttentionMapper(fast_model, fast_processor, attention)
+    assert not eager.fast and fast.fast
+    want = eager.heat_maps(_images(), texts)
+    got = fast.heat_maps(_images(), texts)
+    for w, g in zip(want, got, strict=True):
+        assert w.grid.shape == g.grid.shape and (w.height, w.width) == (g.height, g.width)
+        assert np.abs(w.grid - g.grid).max() <= 1e-4 * max(1.0, float(np.abs(w.grid).max()))
+        assert np.ptp(g.grid) > 0  # structured, not flat
+
+
+@pytest.mark.parametrize("preset", DISCOVERY_PRESETS)
+def test_family_spans_cover_the_image_and_the_question(model_cache, preset):
+    model, processor = load_vlm(preset, attn_implementation=register_capture_attention())
+    mapper = AttentionMapper(model, processor, AttentionConfig())
+    family = family_of(model.config.model_type)
+    question = "Where is the blue square?"
+    prompt = mapper.adapter.prompt(question)
+    inputs = mapper.adapter.encode([_images()[0]], [prompt])
+    (span,) = mapper.adapter.spans(inputs)
+    gh, gw = span.grid
+    assert len(span.image) == gh * gw and np.all(np.diff(span.image) == 1)
+    text = processor.tokenizer.decode(inputs["input_ids"][0][span.question])
+    assert text.strip() == question, (family.name, text)
+    # The grid tiles the processor's resized image: cell size x grid = the resized image's sides.
+    ch, cw = mapper.resized_size(span.grid)
+    assert ch == gh * family.cell_pixels(model.config) and cw == gw * family.cell_pixels(model.config)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_segment_cli_with_a_family_as_discovery_model_and_scorer(ray_driver, scenes_dir, tmp_path, preset):
+    """`rea2seg segment` with one preset as discovery model (sdpa attention path) and as vLLM scorer."""
+    rows = [
+        {
+            "query_id": r["query_id"],
+            "image": str(scenes_dir / Path(r["image"]).name),
+            "question": r["question"],
+        }
+        for r in map(json.loads, (scenes_dir / "scenes.jsonl").read_text().splitlines()[:2])
+    ]
+    (tmp_path / "two.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rea2seg_ray.cli",
+            "segment",
+            f"input={tmp_path / 'two.jsonl'}",
+            f"output={out}",
+            f"models.discovery={preset}",
+            f"models.scorer={preset}",
+            f"ray.address={ray_driver['address']}",
+            "ray.progress_bars=false",
+            "evaluate=false",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ),
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    got = pads.dataset(str(out / "predictions"), format="parquet").to_table().to_pylist()
+    assert sorted(g["query_id"] for g in got) == sorted(r["query_id"] for r in rows)
+    for g in got:
+        assert g["status"] == "ok", g["error"]
+        assert g["discovery_model"] == preset and g["scorer_model"] == preset
+        assert any(c["source"].startswith("attention") for c in g["candidates"])
+        m = coco.decode({"size": g["mask"]["size"], "counts": g["mask"]["counts"].encode()})
+        assert m.shape == (g["height"], g["width"]) == (240, 320)
