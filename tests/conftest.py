@@ -177,3 +177,20 @@ def ray_driver(ray_cluster):
     if not ray.is_initialized():
         ray.init(address=ray_cluster["address"], _node_ip_address="127.0.0.1", log_to_driver=False)
     return ray_cluster
+
+
+@pytest.fixture(scope="session")
+def scoring_data(ray_driver, tmp_path_factory):
+    """Mask-scoring examples (`rea2seg make-scoring-data`, given candidates) from 16 synthetic scenes:
+    (root with data/ and scenes/, the scenes' manifest, the label counts)."""
+    from rea2seg_ray.config import MakeScoringDataConfig, load_config
+    from rea2seg_ray.datasets.synthetic import write_scenes
+    from rea2seg_ray.train.data import build_scoring_data
+
+    root = tmp_path_factory.mktemp("ft")
+    manifest = write_scenes(root / "scenes", 16, seed=80, categories=["discriminative"])
+    cfg = load_config(MakeScoringDataConfig, None, [
+        f"input={manifest}", f"output={root / 'data'}", "discovery.sources=[given]", "ray.progress_bars=false",
+        f"ray.address={ray_driver['address']}"])  # fmt: skip
+    counts = build_scoring_data(cfg)
+    return root, manifest, counts

@@ -2,6 +2,7 @@
 everywhere, question-row weights recomputed at the chosen layers) equals eager attention within 1e-4, and each
 newer family runs `rea2seg segment` as discovery model and vLLM scorer."""
 
+import copy
 import json
 import os
 import subprocess
@@ -11,13 +12,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
+from PIL import Image
 from pycocotools import mask as coco
 
-from rea2seg_ray.config import AttentionConfig
+from rea2seg_ray.config import AttentionConfig, ModelsConfig, ScoringConfig
+from rea2seg_ray.datasets import read_queries
 from rea2seg_ray.discovery.attention import AttentionMapper, register_capture_attention
 from rea2seg_ray.models.families import family_of
 from rea2seg_ray.models.loading import load_vlm
 from rea2seg_ray.models.tiny import TINY_VLM_PRESETS
+from rea2seg_ray.records import Candidate
+from rea2seg_ray.scoring.scorer import Scorer
 
 DISCOVERY_PRESETS = [n for n in TINY_VLM_PRESETS if not n.endswith("-scorer")]
 
@@ -120,3 +125,52 @@ def test_segment_cli_with_a_family_as_discovery_model_and_scorer(ray_driver, sce
         assert any(c["source"].startswith("attention") for c in g["candidates"])
         m = coco.decode({"size": g["mask"]["size"], "counts": g["mask"]["counts"].encode()})
         assert m.shape == (g["height"], g["width"]) == (240, 320)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_scorer_family_serves_trains_exports_and_reloads_in_vllm(ray_driver, scoring_data, tmp_path, preset):
+    """Per scorer family: vLLM and transformers agree within 1e-3; a few steps of `rea2seg finetune` (the family's
+    own chat template and turn tokens) export a folder vLLM loads, scoring differently from the base model."""
+    root, manifest, _ = scoring_data
+    qs = list(read_queries(str(manifest)))[:3]
+    images = [np.asarray(Image.open(q.image).convert("RGB")) for q in qs]
+    cands = [[Candidate(mask=m, bbox=[0, 0, 0, 0], area=1) for m in q.candidates] for q in qs]
+
+    def scores(backend: str, model: str) -> list[float]:
+        got = Scorer(ScoringConfig(backend=backend), ModelsConfig(scorer=model)).score(
+            qs, images, copy.deepcopy(cands)
+        )
+        return [c.score for r in got for c in sorted(r, key=lambda c: c.mask["counts"])]
+
+    base = scores("vllm", preset)
+    assert len(base) >= 6 and all(0 <= s <= 1 for s in base)
+    assert max(abs(a - b) for a, b in zip(base, scores("hf", preset), strict=True)) < 1e-3
+
+    out = tmp_path / "run"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rea2seg_ray.cli",
+            "finetune",
+            f"data={root / 'data'}",
+            f"output={out}",
+            f"models.scorer={preset}",
+            "train.max_steps=3",
+            "train.num_workers=1",
+            "train.batch_size=4",
+            "train.lr=5e-3",
+            "train.checkpoint_every=3",
+            "ray.progress_bars=false",
+            f"ray.address={ray_driver['address']}",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ),
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "trained to step 3" in r.stdout
+    tuned = scores("vllm", str(out / "export"))
+    assert max(abs(a - b) for a, b in zip(tuned, base, strict=True)) > 1e-3

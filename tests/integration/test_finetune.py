@@ -16,7 +16,6 @@ from PIL import Image
 
 from rea2seg_ray.config import FinetuneConfig, MakeScoringDataConfig, ModelsConfig, ScoringConfig, load_config
 from rea2seg_ray.datasets import read_queries
-from rea2seg_ray.datasets.synthetic import write_scenes
 from rea2seg_ray.models.families import family_of_dir
 from rea2seg_ray.models.loading import resolve_model
 from rea2seg_ray.records import Candidate
@@ -25,17 +24,6 @@ from rea2seg_ray.train.data import build_scoring_data
 from rea2seg_ray.train.loop import ImageCache, answer_token_ids, collate, load_scorer_for_training
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def scoring_data(ray_driver, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ft")
-    manifest = write_scenes(root / "scenes", 16, seed=80, categories=["discriminative"])
-    cfg = load_config(MakeScoringDataConfig, None, [
-        f"input={manifest}", f"output={root / 'data'}", "discovery.sources=[given]", "ray.progress_bars=false",
-        f"ray.address={ray_driver['address']}"])  # fmt: skip
-    counts = build_scoring_data(cfg)
-    return root, manifest, counts
 
 
 def test_make_scoring_data_labels_and_balances(scoring_data):
