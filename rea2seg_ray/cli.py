@@ -126,7 +126,10 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
         cmd_segment,
         "run the Rea2Seg job (discover -> score -> Parquet) on Ray; then evaluate if there is ground truth",
     ),
-    "build-tiny-models": (cmd_build_tiny_models, "write the offline random-init tiny models (Qwen2-VL, SAM)"),
+    "build-tiny-models": (
+        cmd_build_tiny_models,
+        "write the offline random-init tiny models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, SAM)",
+    ),
     "make-scenes": (
         cmd_make_scenes,
         "write synthetic scenes with exact ground truth (ReasonSeg folder + manifest)",

@@ -116,7 +116,9 @@ class DiscoveryConfig:
     def __post_init__(self) -> None:
         coords = ("auto", "normalized_1000", "resized", "original")
         if self.text_box_coords not in coords:
-            raise ValueError(f"discovery.text_box_coords must be one of {coords}, not {self.text_box_coords!r}")
+            raise ValueError(
+                f"discovery.text_box_coords must be one of {coords}, not {self.text_box_coords!r}"
+            )
 
 
 @dataclass

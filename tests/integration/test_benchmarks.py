@@ -40,3 +40,12 @@ def test_scoring_benchmark_prints_ratio_breakdown_and_prefix_share(model_cache):
     assert re.search(r"image processing \(HF processor\): [\d.]+", out), out
     # Two of each query's three prompts find its image-and-question prefix cached: (K-1)/K.
     assert "image-and-question prefixes served from cache: 66.7%" in out, out
+
+
+def test_attention_benchmark_prints_both_paths_and_their_ratios(model_cache):
+    out = run_bench("attention.py", "hidden=256", "heads=4", "image_tokens=64", "queries=1")
+    assert re.search(r"eager in every layer:\s+[\d.]+ s a query, peak memory\s+[\d.]+ MiB", out), out
+    assert re.search(r"sdpa \+ chosen layers:\s+[\d.]+ s a query, peak memory\s+[\d.]+ MiB", out), out
+    assert re.search(r"ratios \(eager / fast\): time [\d.]+x, peak memory [\d.]+x", out), out
+    diff = float(re.search(r"largest heat-map difference: (\S+)", out).group(1))
+    assert diff <= 1e-4, out
