@@ -36,6 +36,16 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def needs_mllm(cfg: DiscoveryConfig) -> bool:
+    """Whether the discovery MLLM is loaded: its attention or its text answer is a candidate source."""
+    return any(s in cfg.sources for s in ("attention", "text_box"))
+
+
+def needs_sam(cfg: DiscoveryConfig) -> bool:
+    """Whether SAM is loaded: some source prompts it (`given` candidates alone need neither model)."""
+    return any(s in cfg.sources for s in ("attention", "automatic", "text_box"))
+
+
 class DiscoveryError(RuntimeError):
     """Discovery failed for one query; the pipeline turns it into an error row."""
 
@@ -54,7 +64,7 @@ class Discoverer:
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         cache = models.cache_dir or None
         self.model_name = models.discovery
-        self.needs_mllm = any(s in cfg.sources for s in ("attention", "text_box"))
+        self.needs_mllm = needs_mllm(cfg)
         self.mapper = None
         if self.needs_mllm:
             impl = "eager"
@@ -66,8 +76,7 @@ class Discoverer:
                 models.discovery, self.device, self.dtype, impl, cache, models.allow_hub
             )
             self.mapper = AttentionMapper(vlm, processor, cfg.attention)
-        # SAM only when a source prompts it: `given` candidates alone need neither model.
-        self.needs_sam = any(s in cfg.sources for s in ("attention", "automatic", "text_box"))
+        self.needs_sam = needs_sam(cfg)
         self.prompter = None
         if self.needs_sam:
             sam = load_sam(models.sam, self.device, cache, models.allow_hub)

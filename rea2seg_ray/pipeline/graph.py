@@ -9,6 +9,7 @@ on the same output refuses, and a rerun or resumed run adds exactly the missing 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -17,9 +18,10 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from .. import storage
-from ..config import SegmentConfig
+from .. import provenance, storage
+from ..config import PoolConfig, SegmentConfig
 from ..datasets import SAMPLE_SCENES, InputSpec, resolve_input
+from ..records import PREDICTIONS_SCHEMA
 from ..runtime import init_ray, pool_args, worker_env
 from ..runtime.inputs import count_queries, image_dataset, predictions_files
 from ..runtime.stages import discovered_dataset
@@ -151,7 +153,8 @@ def run_segment(cfg: SegmentConfig) -> RunSummary:
     """Run the job to completion (or only its plan, with ``dry_run``) and return its summary (also printed)."""
     t0 = time.perf_counter()
     source = cfg.input or str(SAMPLE_SCENES / "manifest.jsonl")
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    started = datetime.now(timezone.utc)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
     run_id = cfg.run_id or f"{stamp}-{uuid.uuid4().hex[:6]}"
     out_uri = predictions_uri(cfg)
     spec = resolve_input(source, cfg.format)
@@ -176,13 +179,16 @@ def run_segment(cfg: SegmentConfig) -> RunSummary:
 
             from ..runtime.guard import start_ledger
 
+            cfg_hash = record_run(cfg, run_id, started)
             ledger = f"rea2seg-ledger-{run_id}"
             keeper = start_ledger(ledger)
             ds = build_dataset(cfg, spec, run_id, ledger)
             fs, path = storage.filesystem(out_uri)
             if not storage.is_remote(out_uri):
                 fs.create_dir(path, recursive=True)
-            ds.write_parquet(path, filesystem=fs, filename_provider=_names(run_id))
+            # The run id and config hash ride in every file's key-value metadata, beside the rows' run_id column.
+            schema = PREDICTIONS_SCHEMA.with_metadata(provenance.parquet_metadata(run_id, cfg_hash))
+            ds.write_parquet(path, filesystem=fs, filename_provider=_names(run_id), schema=schema)
             ray.kill(keeper)
         counts = run_counts(out_uri, run_id)
     finally:
@@ -200,6 +206,35 @@ def run_segment(cfg: SegmentConfig) -> RunSummary:
     for line in summary.lines():
         print(f"[rea2seg] {line}")
     return summary
+
+
+def record_run(cfg: SegmentConfig, run_id: str, started: datetime) -> str:
+    """Write ``<output>/runs/<run_id>.json`` (config, packages, each loaded model's weight digests) before any row of
+    the run is written; returns the config hash the run's Parquet files carry. The digests are computed by a task
+    on a node of the pool that loads the model (custom resources honoured), where its weights are cached anyway."""
+    import ray
+
+    from ..discovery.discoverer import needs_mllm, needs_sam
+
+    roles: dict[str, tuple[str, PoolConfig]] = {"scorer": (cfg.models.scorer, cfg.score_pool)}
+    if needs_mllm(cfg.discovery):
+        roles["discovery"] = (cfg.models.discovery, cfg.discover_pool)
+    if needs_sam(cfg.discovery):
+        roles["sam"] = (cfg.models.sam, cfg.discover_pool)
+    digest = ray.remote(num_cpus=0, max_retries=3)(provenance.model_digests)
+    env = {"env_vars": worker_env()}
+    refs = {
+        role: digest.options(resources=dict(pool.resources) or None, runtime_env=env).remote(
+            spec, cfg.models.cache_dir or None, cfg.models.allow_hub
+        )
+        for role, (spec, pool) in roles.items()
+    }
+    models = {role: ray.get(ref) for role, ref in refs.items()}
+    record = provenance.run_record(cfg, run_id, models, started)
+    uri = storage.join(cfg.output, "runs", f"{run_id}.json")
+    storage.write_bytes(uri, json.dumps(record, indent=2).encode())
+    log.info("run record: %s", uri)
+    return record["config_hash"]
 
 
 def _names(run_id: str):

@@ -3,6 +3,7 @@ everywhere, question-row weights recomputed at the chosen layers) equals eager a
 newer family runs `rea2seg segment` as discovery model and vLLM scorer."""
 
 import copy
+import hashlib
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from pycocotools import mask as coco
@@ -19,7 +21,7 @@ from rea2seg_ray.config import AttentionConfig, ModelsConfig, ScoringConfig
 from rea2seg_ray.datasets import read_queries
 from rea2seg_ray.discovery.attention import AttentionMapper, register_capture_attention
 from rea2seg_ray.models.families import family_of
-from rea2seg_ray.models.loading import load_vlm
+from rea2seg_ray.models.loading import load_vlm, resolve_model
 from rea2seg_ray.models.tiny import TINY_VLM_PRESETS
 from rea2seg_ray.records import Candidate
 from rea2seg_ray.scoring.scorer import Scorer
@@ -125,6 +127,19 @@ def test_segment_cli_with_a_family_as_discovery_model_and_scorer(ray_driver, sce
         assert any(c["source"].startswith("attention") for c in g["candidates"])
         m = coco.decode({"size": g["mask"]["size"], "counts": g["mask"]["counts"].encode()})
         assert m.shape == (g["height"], g["width"]) == (240, 320)
+    # Provenance: the run's record names the exact weights, and every file it wrote carries the run id and hash.
+    (run_id,) = {g["run_id"] for g in got}
+    record = json.loads((out / "runs" / f"{run_id}.json").read_text())
+    weights = resolve_model(preset) / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert record["models"]["discovery"]["files"] == {"model.safetensors": digest}
+    assert record["models"]["scorer"]["files"] == {"model.safetensors": digest}
+    assert record["models"]["sam"]["spec"] == "tiny-sam" and record["config"]["models"]["scorer"] == preset
+    assert record["packages"]["transformers"] and record["packages"]["ray"]
+    for f in (out / "predictions").glob("*.parquet"):
+        meta = pq.ParquetFile(f).metadata.metadata
+        assert meta[b"rea2seg.run_id"].decode() == run_id
+        assert meta[b"rea2seg.config_hash"].decode() == record["config_hash"]
 
 
 @pytest.mark.slow
