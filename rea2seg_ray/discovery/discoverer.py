@@ -16,7 +16,7 @@ from ..records import Candidate, Query
 from .attention import AttentionMapper
 from .merge import RawCandidate, given_candidates, merge_candidates, parse_box_answer
 from .prompts import HeatMap, blob_boxes, coldest_points, find_peaks
-from .sam_prompts import SamMask, SamPrompter
+from .sam_prompts import SamMask, load_prompter
 
 SOURCES = ("attention", "automatic", "text_box", "given")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,7 +54,7 @@ class Discoverer:
     """Stage one of Rea2Seg. ``discover`` batches the MLLM over queries and SAM over distinct images."""
 
     def __init__(self, cfg: DiscoveryConfig, models: ModelsConfig):
-        from ..models.loading import load_sam, load_vlm
+        from ..models.loading import load_vlm
 
         bad = [s for s in cfg.sources if s not in SOURCES]
         if bad or not cfg.sources:
@@ -79,8 +79,7 @@ class Discoverer:
         self.needs_sam = needs_sam(cfg)
         self.prompter = None
         if self.needs_sam:
-            sam = load_sam(models.sam, self.device, cache, models.allow_hub)
-            self.prompter = SamPrompter(sam.to(self.dtype) if self.device != "cpu" else sam)
+            self.prompter = load_prompter(models.sam, self.device, self.dtype, cache, models.allow_hub)
         self.timings: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
 

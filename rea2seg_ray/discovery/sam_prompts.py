@@ -1,6 +1,7 @@
 """Segment Anything prompting: one image embedding per image (batched across images), reused for every point,
 box and grid prompt; prompts go through the decoder in batches; multimask outputs are chosen by predicted IoU
-before upsampling, and masks come back at the original resolution.
+before upsampling, and masks come back at the original resolution. The same interface for segment-anything's SAM
+(``SamPrompter``) and for SAM 2.1, SAM-HQ and SAM 3 through transformers (``HFSamPrompter``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,80 @@ class SamMask:
     prompt: tuple  # the prompt, in original pixels
 
 
-class SamPrompter:
+class _Prompter:
+    """Point, box, grid and box-with-points prompts on a shared image embedding, for every mask decoder: prompts are
+    in original pixels, batched ``prompt_batch`` at a time; ``_decode`` is the decoder-specific part."""
+
+    prompt_batch: int
+
+    def _decode(self, emb, points, labels, boxes, multimask: bool) -> tuple[np.ndarray, np.ndarray]:
+        """points (N, P, 2) float32 original (x, y) or None; labels (N, P) int64 (1 positive, 0 negative) or None;
+        boxes (N, 4) float32 original (x0, y0, x1, y1) or None -> (masks (N, H, W) bool, predicted IoUs (N,))."""
+        raise NotImplementedError
+
+    def predict_points(
+        self,
+        emb,
+        points: list[tuple[float, float]],
+        negatives: list[tuple[float, float]] = (),
+        multimask: bool = True,
+        source: str = "point",
+    ) -> list[SamMask]:
+        """One prompt per positive point (each with all ``negatives``)."""
+        if not points:
+            return []
+        neg = list(negatives)
+        coords = np.array([[p, *neg] for p in points], dtype=np.float32).reshape(len(points), 1 + len(neg), 2)
+        labels = np.array([[1] + [0] * len(neg)] * len(points), dtype=np.int64)
+        results: list[SamMask] = []
+        for i in range(0, len(points), self.prompt_batch):
+            j = slice(i, i + self.prompt_batch)
+            masks, ious = self._decode(emb, coords[j], labels[j], None, multimask)
+            results += [
+                SamMask(m, float(s), source, tuple(points[i + k]))
+                for k, (m, s) in enumerate(zip(masks, ious, strict=True))
+            ]
+        return results
+
+    def predict_boxes(
+        self, emb, boxes: list[list[float]], multimask: bool = False, source: str = "box"
+    ) -> list[SamMask]:
+        """One prompt per (x0, y0, x1, y1) box in original pixels."""
+        if not boxes:
+            return []
+        arr = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        results: list[SamMask] = []
+        for i in range(0, len(arr), self.prompt_batch):
+            masks, ious = self._decode(emb, None, None, arr[i : i + self.prompt_batch], multimask)
+            results += [
+                SamMask(m, float(s), source, tuple(arr[i + k].tolist()))
+                for k, (m, s) in enumerate(zip(masks, ious, strict=True))
+            ]
+        return results
+
+    def predict_grid(self, emb, points_per_side: int, min_iou: float = 0.0) -> list[SamMask]:
+        """SAM's automatic-mask idea on the shared embedding: a regular grid of single-point prompts."""
+        h, w = emb.original_size
+        n = max(1, points_per_side)
+        offs = (np.arange(n) + 0.5) / n
+        pts = [(float(x * w), float(y * h)) for y in offs for x in offs]
+        return [
+            m for m in self.predict_points(emb, pts, multimask=True, source="automatic") if m.iou >= min_iou
+        ]
+
+    def predict_box_and_points(
+        self, emb, box: list[float], points: list[tuple[float, float]], source: str = "text_box"
+    ) -> list[SamMask]:
+        """One prompt made of a box and positive points together (Seg-Zero style)."""
+        coords = np.asarray([points], dtype=np.float32).reshape(1, len(points), 2) if points else None
+        labels = np.ones((1, len(points)), dtype=np.int64) if points else None
+        masks, ious = self._decode(emb, coords, labels, np.asarray([box], dtype=np.float32), False)
+        return [SamMask(masks[0], float(ious[0]), source, (tuple(box), tuple(points)))]
+
+
+class SamPrompter(_Prompter):
+    """segment-anything's SAM (ViT-B/L/H and the tiny preset)."""
+
     def __init__(self, sam, prompt_batch: int = 64):
         self.sam = sam
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
@@ -56,10 +130,18 @@ class SamPrompter:
         return out
 
     @torch.no_grad()
-    def _decode(self, emb: ImageEmbedding, points=None, labels=None, boxes=None, multimask: bool = True):
-        sparse, dense = self.sam.prompt_encoder(
-            points=(points, labels) if points is not None else None, boxes=boxes, masks=None
-        )
+    def _decode(self, emb: ImageEmbedding, points, labels, boxes, multimask: bool):
+        kw = {}
+        if points is not None:
+            c = self.transform.apply_coords(points, emb.original_size)
+            kw["points"] = (
+                torch.as_tensor(c, dtype=torch.float32, device=self.device),
+                torch.as_tensor(labels, device=self.device),
+            )
+        if boxes is not None:
+            b = self.transform.apply_boxes(boxes, emb.original_size)
+            kw["boxes"] = torch.as_tensor(b, dtype=torch.float32, device=self.device)
+        sparse, dense = self.sam.prompt_encoder(points=kw.get("points"), boxes=kw.get("boxes"), masks=None)
         low, iou = self.sam.mask_decoder(
             image_embeddings=emb.features.to(sparse.dtype),
             image_pe=self.sam.prompt_encoder.get_dense_pe(),
@@ -76,77 +158,89 @@ class SamPrompter:
         )
         return masks[:, 0].cpu().numpy(), iou.float().cpu().numpy()
 
-    def predict_points(
-        self,
-        emb: ImageEmbedding,
-        points: list[tuple[float, float]],
-        negatives: list[tuple[float, float]] = (),
-        multimask: bool = True,
-        source: str = "point",
-    ) -> list[SamMask]:
-        """One prompt per positive point (each with all ``negatives``)."""
-        if not points:
-            return []
-        neg = list(negatives)
-        coords = np.array([[p, *neg] for p in points], dtype=np.float32).reshape(len(points), 1 + len(neg), 2)
-        labels = np.array([[1] + [0] * len(neg)] * len(points), dtype=np.int64)
-        results: list[SamMask] = []
-        for i in range(0, len(points), self.prompt_batch):
-            c = self.transform.apply_coords(coords[i : i + self.prompt_batch], emb.original_size)
-            masks, ious = self._decode(
-                emb,
-                points=torch.as_tensor(c, dtype=torch.float32, device=self.device),
-                labels=torch.as_tensor(labels[i : i + self.prompt_batch], device=self.device),
-                multimask=multimask,
-            )
-            results += [
-                SamMask(m, float(s), source, tuple(points[i + j]))
-                for j, (m, s) in enumerate(zip(masks, ious, strict=True))
-            ]
-        return results
 
-    def predict_boxes(
-        self, emb: ImageEmbedding, boxes: list[list[float]], multimask: bool = False, source: str = "box"
-    ) -> list[SamMask]:
-        """One prompt per (x0, y0, x1, y1) box in original pixels."""
-        if not boxes:
-            return []
-        arr = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-        results: list[SamMask] = []
-        for i in range(0, len(arr), self.prompt_batch):
-            b = self.transform.apply_boxes(arr[i : i + self.prompt_batch], emb.original_size)
-            masks, ious = self._decode(
-                emb, boxes=torch.as_tensor(b, dtype=torch.float32, device=self.device), multimask=multimask
-            )
-            results += [
-                SamMask(m, float(s), source, tuple(arr[i + j].tolist()))
-                for j, (m, s) in enumerate(zip(masks, ious, strict=True))
-            ]
-        return results
+@dataclass
+class HFImageEmbedding:
+    """A transformers mask decoder's embedding of one image: the keyword arguments its forward takes for it."""
 
-    def predict_grid(self, emb: ImageEmbedding, points_per_side: int, min_iou: float = 0.0) -> list[SamMask]:
-        """SAM's automatic-mask idea on the shared embedding: a regular grid of single-point prompts."""
-        h, w = emb.original_size
-        n = max(1, points_per_side)
-        offs = (np.arange(n) + 0.5) / n
-        pts = [(float(x * w), float(y * h)) for y in offs for x in offs]
-        return [
-            m for m in self.predict_points(emb, pts, multimask=True, source="automatic") if m.iou >= min_iou
-        ]
+    inputs: (
+        dict  # image_embeddings (tensor or per-level list, batch 1) and, for SAM-HQ, intermediate_embeddings
+    )
+    original_size: tuple[int, int]  # (H, W)
+    input_size: tuple[int, int]  # (h, w) the processor resized the image to, before any padding
 
-    def predict_box_and_points(
-        self,
-        emb: ImageEmbedding,
-        box: list[float],
-        points: list[tuple[float, float]],
-        source: str = "text_box",
-    ) -> list[SamMask]:
-        """One prompt made of a box and positive points together (Seg-Zero style)."""
-        b = self.transform.apply_boxes(np.asarray([box], dtype=np.float32), emb.original_size)
-        kwargs = {"boxes": torch.as_tensor(b, dtype=torch.float32, device=self.device)}
-        if points:
-            c = self.transform.apply_coords(np.asarray([points], dtype=np.float32), emb.original_size)
-            kwargs["points"] = torch.as_tensor(c, dtype=torch.float32, device=self.device)
-            kwargs["labels"] = torch.ones((1, len(points)), dtype=torch.int64, device=self.device)
-        masks, ious = self._decode(emb, multimask=False, **kwargs)
-        return [SamMask(masks[0], float(ious[0]), source, (tuple(box), tuple(points)))]
+
+class HFSamPrompter(_Prompter):
+    """SAM 2.1, SAM-HQ and SAM 3 (tracker) through transformers, with the processor of the checkpoint."""
+
+    def __init__(self, model, processor, kind, prompt_batch: int = 64):
+        self.model, self.processor, self.kind = model, processor, kind
+        self.prompt_batch = prompt_batch
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def embed(self, images: list[np.ndarray], batch_size: int = 4) -> list[HFImageEmbedding]:
+        out: list[HFImageEmbedding] = []
+        dtype = next(self.model.parameters()).dtype
+        for i in range(0, len(images), max(1, batch_size)):
+            chunk = images[i : i + batch_size]
+            enc = self.processor(images=chunk, return_tensors="pt")
+            pixels = enc["pixel_values"].to(self.device, dtype)
+            feats = self.model.get_image_embeddings(pixels)
+            inter = None
+            if isinstance(feats, tuple):  # SAM-HQ: (image embeddings, the ViT's intermediate embeddings)
+                feats, inter = feats
+            sizes = enc.get("reshaped_input_sizes")
+            for j, im in enumerate(chunk):
+                emb = [f[j : j + 1] for f in feats] if isinstance(feats, list | tuple) else feats[j : j + 1]
+                kw = {"image_embeddings": emb}
+                if inter is not None:
+                    kw["intermediate_embeddings"] = [x[j : j + 1] for x in inter]
+                size = tuple(int(v) for v in sizes[j]) if sizes is not None else tuple(pixels.shape[-2:])
+                out.append(HFImageEmbedding(kw, tuple(im.shape[:2]), size))
+        return out
+
+    @torch.no_grad()
+    def _decode(self, emb: HFImageEmbedding, points, labels, boxes, multimask: bool):
+        (h, w), (ih, iw) = emb.original_size, emb.input_size
+        scale = np.array(
+            [iw / w, ih / h], dtype=np.float32
+        )  # the processor's own resize, applied to the prompts
+        kw = dict(emb.inputs)
+        if points is not None:
+            kw["input_points"] = torch.as_tensor(points * scale, device=self.device)[None]  # (1, N, P, 2)
+            kw["input_labels"] = torch.as_tensor(labels, device=self.device)[None]  # (1, N, P)
+        if boxes is not None:
+            kw["input_boxes"] = torch.as_tensor(boxes * np.tile(scale, 2), device=self.device)[
+                None
+            ]  # (1, N, 4)
+        out = self.model(**kw, multimask_output=multimask)
+        low, iou = out.pred_masks[0], out.iou_scores[0]  # (N, M, h', w'), (N, M)
+        best = iou.argmax(dim=1)  # choose among the multimask outputs before upsampling
+        idx = torch.arange(low.shape[0], device=low.device)
+        low, iou = low[idx, best][:, None], iou[idx, best]
+        args = [[emb.original_size]]
+        if self.kind.resize == "longest":  # padded input: the processor crops the padding away first
+            args.append([emb.input_size])
+        (masks,) = self.processor.post_process_masks(low[None].float().cpu(), *args)
+        return masks[:, 0].numpy().astype(bool), iou.float().cpu().numpy()
+
+
+def load_prompter(
+    spec: str, device: str, dtype: torch.dtype, cache_dir: str | None = None, allow_hub: bool = False
+):
+    """The prompter for a mask decoder spec: its kind is read from the folder (a transformers ``config.json`` of SAM
+    2.1, SAM-HQ or SAM 3; else segment-anything's ``sam_config.json`` or ``sam_vit_*.pth``)."""
+    from ..models.loading import load_sam, resolve_model
+    from ..models.mask_decoders import load_hf_mask_decoder, mask_decoder_kind
+
+    path = resolve_model(spec, cache_dir, allow_hub)
+    kind = mask_decoder_kind(path)
+    if kind is None:
+        sam = load_sam(spec, device, cache_dir, allow_hub)
+        return SamPrompter(sam.to(dtype) if device != "cpu" else sam)
+    model, processor = load_hf_mask_decoder(path, kind, device, dtype)
+    return HFSamPrompter(model, processor, kind)

@@ -19,6 +19,7 @@ import torch
 from .. import storage
 from ..config import default_cache_dir
 from .cachedir import building
+from .mask_decoders import TINY_MASK_DECODERS
 from .sam import build_sam, sam_config
 from .tiny import TINY_SAM_PRESETS, TINY_VLM_PRESETS, build_tiny_models
 
@@ -31,7 +32,7 @@ class ModelNotFound(FileNotFoundError):
 # (they point at the user's local folders or s3:// prefixes: nothing is fetched from a hub by default).
 MODEL_PRESETS: dict[str, dict] = {
     **{name: {"kind": "vlm", "tiny": True} for name in TINY_VLM_PRESETS},
-    **{name: {"kind": "sam", "tiny": True} for name in TINY_SAM_PRESETS},
+    **{name: {"kind": "sam", "tiny": True} for name in [*TINY_SAM_PRESETS, *TINY_MASK_DECODERS]},
 }
 
 

@@ -305,7 +305,9 @@ def build_tiny_models(
     """
     root = Path(output)
     root.mkdir(parents=True, exist_ok=True)
-    wanted = names or [*TINY_VLM_PRESETS, *TINY_SAM_PRESETS]
+    from .mask_decoders import TINY_MASK_DECODERS, build_tiny_mask_decoder
+
+    wanted = names or [*TINY_VLM_PRESETS, *TINY_SAM_PRESETS, *TINY_MASK_DECODERS]
     built: dict[str, Path] = {}
     for name in wanted:
         dest = root / name
@@ -317,6 +319,8 @@ def build_tiny_models(
                 build_tiny_vlm(tmp, seed=seed, **TINY_VLM_PRESETS[name])
             elif name in TINY_SAM_PRESETS:
                 build_tiny_sam(tmp, seed=seed)
+            elif name in TINY_MASK_DECODERS:
+                build_tiny_mask_decoder(tmp, TINY_MASK_DECODERS[name], seed=seed)
             else:
                 raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(wanted)}")
         built[name] = dest

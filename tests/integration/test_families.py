@@ -86,9 +86,13 @@ def test_family_spans_cover_the_image_and_the_question(model_cache, preset):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
-def test_segment_cli_with_a_family_as_discovery_model_and_scorer(ray_driver, scenes_dir, tmp_path, preset):
-    """`rea2seg segment` with one preset as discovery model (sdpa attention path) and as vLLM scorer."""
+@pytest.mark.parametrize(
+    "preset,sam",
+    [("tiny-qwen2.5-vl", "tiny-sam2"), ("tiny-qwen3-vl", "tiny-sam3"), ("tiny-qwen2-vl", "tiny-sam-hq")],
+)
+def test_segment_cli_with_a_family_and_a_mask_decoder(ray_driver, scenes_dir, tmp_path, preset, sam):
+    """`rea2seg segment` with one VLM preset as discovery model (sdpa attention path) and as vLLM scorer, and a
+    transformers mask decoder: ok rows, masks at image size, a provenance record naming the exact weights."""
     rows = [
         {
             "query_id": r["query_id"],
@@ -109,6 +113,7 @@ def test_segment_cli_with_a_family_as_discovery_model_and_scorer(ray_driver, sce
             f"output={out}",
             f"models.discovery={preset}",
             f"models.scorer={preset}",
+            f"models.sam={sam}",
             f"ray.address={ray_driver['address']}",
             "ray.progress_bars=false",
             "evaluate=false",
@@ -134,7 +139,7 @@ def test_segment_cli_with_a_family_as_discovery_model_and_scorer(ray_driver, sce
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     assert record["models"]["discovery"]["files"] == {"model.safetensors": digest}
     assert record["models"]["scorer"]["files"] == {"model.safetensors": digest}
-    assert record["models"]["sam"]["spec"] == "tiny-sam" and record["config"]["models"]["scorer"] == preset
+    assert record["models"]["sam"]["spec"] == sam and record["config"]["models"]["scorer"] == preset
     assert record["packages"]["transformers"] and record["packages"]["ray"]
     for f in (out / "predictions").glob("*.parquet"):
         meta = pq.ParquetFile(f).metadata.metadata

@@ -1,0 +1,147 @@
+"""Mask decoders other than segment-anything's SAM, through transformers: SAM 2.1, SAM-HQ and SAM 3 (its
+point-and-box tracker). One registry entry per kind, keyed by the folder's ``config.json`` ``model_type``; tiny
+random-init presets built from the real config classes; one loader. Segment-anything checkpoints (SAM ViT-B/L/H,
+``sam_config.json`` or ``sam_vit_*.pth``) stay on ``models.sam.build_sam``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class MaskDecoderKind:
+    name: str  # as users say it: sam2.1 | sam-hq | sam3
+    model_types: tuple[str, ...]  # config.json model_type values it loads
+    model_class: str  # transformers class
+    processor_class: str  # transformers processor class
+    # How the processor fits an image to the encoder: "square" resizes to S x S (SAM 2, SAM 3); "longest" resizes the
+    # longest side to S and pads (SAM, SAM-HQ). Prompts are scaled by the same rule; masks are mapped back by the
+    # processor's own post-processing.
+    resize: str
+
+
+MASK_DECODERS: tuple[MaskDecoderKind, ...] = (
+    MaskDecoderKind("sam2.1", ("sam2",), "Sam2Model", "Sam2Processor", "square"),
+    MaskDecoderKind("sam-hq", ("sam_hq",), "SamHQModel", "SamHQProcessor", "longest"),
+    # A full SAM 3 checkpoint (model_type sam3) holds the tracker too: points and boxes go through it.
+    MaskDecoderKind("sam3", ("sam3_tracker", "sam3"), "Sam3TrackerModel", "Sam3TrackerProcessor", "square"),
+)
+
+
+def mask_decoder_kind(path: Path) -> MaskDecoderKind | None:
+    """The transformers mask decoder a folder holds, or None (a segment-anything checkpoint or something else)."""
+    cfg_file = path / "config.json" if path.is_dir() else None
+    if cfg_file is None or not cfg_file.exists():
+        return None
+    model_type = json.loads(cfg_file.read_text()).get("model_type", "")
+    for kind in MASK_DECODERS:
+        if model_type in kind.model_types:
+            return kind
+    known = ", ".join(t for k in MASK_DECODERS for t in k.model_types)
+    raise ValueError(
+        f"{path}: model type {model_type!r} is not a supported mask decoder ({known}, or segment-anything)"
+    )
+
+
+def load_hf_mask_decoder(path: Path, kind: MaskDecoderKind, device: str, dtype: torch.dtype):
+    """(model in eval mode on ``device``, processor) of a transformers mask decoder folder."""
+    import transformers
+
+    model = getattr(transformers, kind.model_class).from_pretrained(path, dtype=dtype)
+    processor = getattr(transformers, kind.processor_class).from_pretrained(path)
+    return model.to(device).eval(), processor
+
+
+# Tiny presets: real config classes at reduced sizes (random init; for tests, CI and the demo).
+TINY_MASK_DECODERS = {"tiny-sam2": "sam2.1", "tiny-sam-hq": "sam-hq", "tiny-sam3": "sam3"}
+
+
+def build_tiny_mask_decoder(output: str | Path, kind: str, seed: int = 0, init: float = 0.3) -> Path:
+    """Write a random-init tiny SAM 2.1, SAM-HQ or SAM 3 tracker (model + processor) to ``output``."""
+    import transformers as tf
+
+    hidden = 32
+    if kind == "sam2.1":
+        size = 256
+        config = tf.Sam2Config(
+            vision_config=dict(
+                backbone_config=dict(
+                    hidden_size=16, num_attention_heads=1, image_size=[size, size], blocks_per_stage=[1, 1, 2, 1],
+                    embed_dim_per_stage=[16, 32, 64, 128], num_attention_heads_per_stage=[1, 1, 2, 2],
+                    window_size_per_stage=[8, 4, 8, 8], global_attention_blocks=[3],
+                    window_positional_embedding_background_size=[4, 4], initializer_range=init,
+                ),
+                backbone_channel_list=[128, 64, 32, 16],
+                backbone_feature_sizes=[[size // 4] * 2, [size // 8] * 2, [size // 16] * 2],
+                fpn_hidden_size=hidden, initializer_range=init,
+            ),
+            prompt_encoder_config=dict(hidden_size=hidden, image_size=size, patch_size=16),
+            mask_decoder_config=dict(hidden_size=hidden, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32),
+            initializer_range=init,
+        )  # fmt: skip
+        model_cls = tf.Sam2Model
+        processor = tf.Sam2Processor(
+            image_processor=tf.Sam2ImageProcessor(
+                size={"height": size, "width": size}, mask_size={"height": size // 4, "width": size // 4}
+            )
+        )
+    elif kind == "sam-hq":
+        size = 256
+        config = tf.SamHQConfig(
+            vision_config=dict(
+                hidden_size=32, output_channels=hidden, num_hidden_layers=2, num_attention_heads=2, image_size=size,
+                patch_size=16, window_size=4, global_attn_indexes=[1], num_pos_feats=hidden // 2, mlp_dim=64,
+                initializer_range=init,
+            ),
+            prompt_encoder_config=dict(hidden_size=hidden, image_size=size, patch_size=16),
+            mask_decoder_config=dict(
+                hidden_size=hidden, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32, vit_dim=32
+            ),
+            initializer_range=init,
+        )  # fmt: skip
+        model_cls = tf.SamHQModel
+        processor = tf.SamHQProcessor(
+            image_processor=tf.SamImageProcessor(
+                size={"longest_edge": size}, pad_size={"height": size, "width": size},
+                mask_size={"longest_edge": size // 4}, mask_pad_size={"height": size // 4, "width": size // 4},
+            )
+        )  # fmt: skip
+    elif kind == "sam3":
+        size, patch = 224, 14
+        g = size // patch
+        config = tf.Sam3TrackerConfig(
+            vision_config=dict(
+                backbone_config=dict(
+                    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    image_size=size, patch_size=patch, window_size=8, global_attn_indexes=[1],
+                    pretrain_image_size=size, initializer_range=init,
+                ),
+                fpn_hidden_size=hidden, backbone_feature_sizes=[[4 * g] * 2, [2 * g] * 2, [g] * 2],
+                initializer_range=init,
+            ),
+            prompt_encoder_config=dict(hidden_size=hidden, image_size=size, patch_size=patch),
+            mask_decoder_config=dict(hidden_size=hidden, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32),
+            initializer_range=init,
+        )  # fmt: skip
+        model_cls = tf.Sam3TrackerModel
+        processor = tf.Sam3TrackerProcessor(
+            image_processor=tf.Sam2ImageProcessor(
+                size={"height": size, "width": size}, mask_size={"height": 4 * g, "width": 4 * g},
+                image_mean=[0.5] * 3, image_std=[0.5] * 3,
+            ),
+            target_size=size,
+        )  # fmt: skip
+    else:
+        raise ValueError(f"no tiny builder for mask decoder {kind!r}")
+    torch.manual_seed(seed)
+    model = model_cls(config).to(torch.float32).eval()
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out

@@ -1,0 +1,43 @@
+"""Every mask decoder (segment-anything's SAM; SAM 2.1, SAM-HQ and SAM 3 through transformers) behind one prompt
+interface: the kind is read from the folder, one image embedding serves every prompt, prompts are batched, and masks
+come back at the original image size."""
+
+import numpy as np
+import pytest
+import torch
+
+from rea2seg_ray.discovery.sam_prompts import HFSamPrompter, SamPrompter, load_prompter
+from rea2seg_ray.models.loading import resolve_model
+from rea2seg_ray.models.mask_decoders import mask_decoder_kind
+
+DECODERS = {"tiny-sam": None, "tiny-sam2": "sam2.1", "tiny-sam-hq": "sam-hq", "tiny-sam3": "sam3"}
+
+
+@pytest.mark.parametrize("preset", list(DECODERS))
+def test_one_interface_for_every_mask_decoder(model_cache, preset, monkeypatch):
+    kind = mask_decoder_kind(resolve_model(preset))
+    assert (kind.name if kind else None) == DECODERS[preset]
+    prompter = load_prompter(preset, "cpu", torch.float32)
+    assert isinstance(prompter, SamPrompter if kind is None else HFSamPrompter)
+    prompter.prompt_batch = 3  # 5 points -> two decoder calls
+    rng = np.random.default_rng(1)
+    images = [
+        rng.integers(0, 255, (240, 320, 3), dtype=np.uint8),
+        rng.integers(0, 255, (300, 200, 3), dtype=np.uint8),
+    ]
+    embs = prompter.embed(images, batch_size=2)
+    assert [e.original_size for e in embs] == [(240, 320), (300, 200)]
+    # Prompts reuse the embedding: no encoder call after embed().
+    encoder = prompter.model if kind else prompter.sam.image_encoder
+    name = "get_image_embeddings" if kind else "forward"
+    monkeypatch.setattr(encoder, name, lambda *a, **k: pytest.fail("image encoded again"))
+    for emb, (h, w) in zip(embs, [(240, 320), (300, 200)], strict=True):
+        pts = [(10.0, 20.0), (w / 2, h / 2), (w - 5.0, h - 5.0), (30.0, h - 30.0), (w / 3, h / 4)]
+        masks = prompter.predict_points(emb, pts, negatives=[(1.0, 1.0)])
+        masks += prompter.predict_boxes(emb, [[5, 5, w / 2, h / 2], [w / 3, h / 3, w - 1, h - 1]])
+        masks += prompter.predict_grid(emb, 2)
+        masks += prompter.predict_box_and_points(emb, [0, 0, w - 1, h - 1], [(w / 2, h / 2)])
+        assert len(masks) == 5 + 2 + 4 + 1
+        for m in masks:
+            assert m.mask.shape == (h, w) and m.mask.dtype == bool and np.isfinite(m.iou)
+        assert any(m.mask.any() for m in masks)
