@@ -128,7 +128,7 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     ),
     "build-tiny-models": (
         cmd_build_tiny_models,
-        "write the offline random-init tiny models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, SAM)",
+        "write the offline random-init tiny models (five VLM families, four mask decoders)",
     ),
     "make-scenes": (
         cmd_make_scenes,

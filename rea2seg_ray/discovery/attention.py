@@ -122,9 +122,10 @@ class VLMAdapter:
         for b in range(ids_all.shape[0]):
             ids = ids_all[b].cpu()
             img_pos = np.nonzero(ids.numpy() == self.image_id)[0]
-            gh, gw = self.family.grid(inputs, b, self.model.config)
-            if len(img_pos) != gh * gw:
-                raise ValueError(f"expected {gh * gw} image tokens, found {len(img_pos)}")
+            gh, gw, offset = self.family.grid(inputs, b, self.model.config, len(img_pos))
+            if offset < 0 or len(img_pos) < offset + gh * gw:
+                raise ValueError(f"expected {offset + gh * gw} image tokens or more, found {len(img_pos)}")
+            img_pos = img_pos[offset : offset + gh * gw]
             q = self.family.question_span(ids, self.image_id, self.after_image_ids, self.turn_end_id)
             out.append(Spans(image=img_pos, grid=(gh, gw), question=np.arange(q.start, q.stop)))
         return out

@@ -9,6 +9,7 @@ vLLM's offline examples keep one per model type.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,14 +33,18 @@ class VLMFamily:
     turn_end: str  # closes every chat turn (the assistant's answer is followed by it)
     turn_sep: str  # what the chat template writes right after ``turn_end``
     assistant_header: str  # opens the assistant turn, e.g. "<|im_start|>assistant\n"
-    # (processor outputs, sample index, model config) -> (rows, cols) of the merged image-token grid, row-major.
-    grid: Callable[[dict, int, object], tuple[int, int]]
+    # (processor outputs, sample index, model config, number of image tokens) -> (rows, cols, offset): the grid of
+    # image tokens that covers the whole image, row-major, starting ``offset`` tokens into the sample's image tokens.
+    grid: Callable[[dict, int, object, int], tuple[int, int, int]]
     # model config -> pixels of the processor's resized image per grid cell edge.
     cell_pixels: Callable[[object], int]
     # Coordinates the family's own grounding answers use (discovery.text_box_coords="auto").
     box_coords: str = "resized"
     # Extra vLLM engine arguments the family needs (merged under the user's; the user's win).
     vllm_args: dict = field(default_factory=dict)
+    # Weight-name prefixes transformers' save_pretrained writes differently from the hub checkpoints vLLM reads:
+    # (written, as the hub has it). Applied by ``save_vlm``.
+    saved_prefixes: tuple[tuple[str, str], ...] = ()
 
     def question_span(self, ids: torch.Tensor, image_id: int, after_ids: set[int], end_id: int) -> range:
         """Positions of the user's text in one sample (after the image block, before the turn's end)."""
@@ -62,11 +67,31 @@ class VLMFamily:
         return ids[0], set(ids[1:-1]), ids[-1]
 
 
-def _qwen_grid(inputs: dict, b: int, config) -> tuple[int, int]:
-    # image_grid_thw: (images, 3) patches before the merge; one image per sample here.
+def _qwen_grid(inputs: dict, b: int, config, n: int) -> tuple[int, int, int]:
+    # image_grid_thw: (images, 3) patches before the merge; one image per sample here; every token is on the grid.
     t, h, w = (int(v) for v in inputs["image_grid_thw"][b])
     m = int(getattr(config.vision_config, "spatial_merge_size", 2))
-    return h // m, w // m
+    return h // m, w // m, 0
+
+
+def _internvl_grid(inputs: dict, b: int, config, n: int) -> tuple[int, int, int]:
+    # Dynamic tiling: the tiles' tokens, then (when there is more than one tile) a thumbnail of the whole image;
+    # the thumbnail's square grid is the one that covers the image.
+    side = math.isqrt(int(config.image_seq_length))
+    return side, side, n - side * side
+
+
+def _internvl_cell(config) -> int:
+    size = config.vision_config.image_size
+    return int(size[0] if isinstance(size, list | tuple) else size) // math.isqrt(
+        int(config.image_seq_length)
+    )
+
+
+def _llava_ov_grid(inputs: dict, b: int, config, n: int) -> tuple[int, int, int]:
+    # AnyRes: the base image (resized to the encoder's square) comes first, then the high-resolution crops.
+    side = int(config.vision_config.image_size) // int(config.vision_config.patch_size)
+    return side, side, 0
 
 
 def _qwen_cell(config) -> int:
@@ -74,21 +99,45 @@ def _qwen_cell(config) -> int:
     return int(getattr(v, "patch_size", 14)) * int(getattr(v, "spatial_merge_size", 2))
 
 
+# ChatML turns: every family here (Qwen2-VL to Qwen3-VL, and the Qwen2 language models of InternVL3 and
+# LLaVA-OneVision) closes a turn with <|im_end|> and opens the assistant's with <|im_start|>assistant.
+_CHATML = dict(turn_end="<|im_end|>", turn_sep="\n", assistant_header="<|im_start|>assistant\n")
 _QWEN = dict(
     image_token="<|image_pad|>",
     after_image=("<|vision_end|>",),
-    turn_end="<|im_end|>",
-    turn_sep="\n",
-    assistant_header="<|im_start|>assistant\n",
     grid=_qwen_grid,
     cell_pixels=_qwen_cell,
+    **_CHATML,
 )
 
 FAMILIES: tuple[VLMFamily, ...] = (
-    # Qwen2-VL grounds in 0..1000 normalized coordinates; Qwen2.5-VL and Qwen3-VL in the resized image's pixels.
+    # Qwen2-VL and Qwen3-VL ground in 0..1000 normalized coordinates, Qwen2.5-VL in the resized image's pixels.
     VLMFamily(name="qwen2-vl", model_types=("qwen2_vl",), box_coords="normalized_1000", **_QWEN),
     VLMFamily(name="qwen2.5-vl", model_types=("qwen2_5_vl",), box_coords="resized", **_QWEN),
     VLMFamily(name="qwen3-vl", model_types=("qwen3_vl",), box_coords="normalized_1000", **_QWEN),
+    VLMFamily(
+        name="internvl3",
+        model_types=("internvl",),
+        image_token="<IMG_CONTEXT>",
+        after_image=("</img>",),
+        grid=_internvl_grid,
+        cell_pixels=_internvl_cell,
+        box_coords="normalized_1000",
+        **_CHATML,
+    ),
+    # LLaVA-OneVision has no grounding format of its own: boxes are asked for and read as 0..1000 normalized.
+    VLMFamily(
+        name="llava-onevision",
+        model_types=("llava_onevision",),
+        image_token="<image>",
+        after_image=(),
+        grid=_llava_ov_grid,
+        cell_pixels=lambda c: int(c.vision_config.patch_size),
+        box_coords="normalized_1000",
+        # transformers 5 writes the SigLIP tower as vision_tower.*; the hub (and vLLM) say vision_tower.vision_model.*
+        saved_prefixes=(("vision_tower.", "vision_tower.vision_model."),),
+        **_CHATML,
+    ),
 )
 
 
@@ -105,3 +154,32 @@ def family_of_dir(model_dir: str | Path) -> VLMFamily:
     """The family of a transformers model folder, from its ``config.json``."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     return family_of(cfg.get("model_type", ""))
+
+
+def save_vlm(model, out: str | Path) -> None:
+    """``model.save_pretrained(out)`` in safetensors, with weight names as the family's hub checkpoints have them, so
+    vLLM and transformers both load the folder (tiny presets and fine-tuning exports go through here)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    model.save_pretrained(out, safe_serialization=True)
+    renames = family_of(model.config.model_type).saved_prefixes
+    if not renames:
+        return
+
+    def rename(key: str) -> str:
+        for written, hub in renames:
+            if key.startswith(written) and not key.startswith(hub):
+                return hub + key[len(written) :]
+        return key
+
+    for f in sorted(out.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            tensors, meta = {rename(k): st.get_tensor(k) for k in st.keys()}, st.metadata()
+        save_file(tensors, str(f), metadata=meta)
+    index = out / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .cachedir import building
+from .families import save_vlm
 from .sam import build_sam, sam_config
 
 QWEN2VL_SPECIAL_TOKENS = [
@@ -57,7 +58,25 @@ TINY_VLM_PRESETS: dict[str, dict] = {
         family="qwen2.5-vl", initializer_range=0.3, min_pixels=56 * 56, max_pixels=336 * 336
     ),
     "tiny-qwen3-vl": dict(family="qwen3-vl", initializer_range=0.3, min_pixels=64 * 64, max_pixels=384 * 384),
+    "tiny-internvl3": dict(family="internvl3", initializer_range=0.3),
+    "tiny-llava-onevision": dict(family="llava-onevision", initializer_range=0.3),
 }
+
+# InternVL3's layout: the processor expands each image placeholder into <img> + tiles x <IMG_CONTEXT> + </img>.
+INTERNVL_TOKENS = {
+    "start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}  # fmt: skip
+LLAVA_OV_TOKENS = {"image_token": "<image>", "video_token": "<video>"}
+# ChatML turns (as both families' Qwen2 language models use), the image placeholder where the content has one.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "IMAGE_PLACEHOLDER{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+INTERNVL_CHAT_TEMPLATE = CHATML_TEMPLATE.replace("IMAGE_PLACEHOLDER", "<IMG_CONTEXT>\n")
+LLAVA_OV_CHAT_TEMPLATE = CHATML_TEMPLATE.replace("IMAGE_PLACEHOLDER", "<image>\n")
 TINY_SAM_PRESETS: dict[str, dict] = {"tiny-sam": dict(model_type="tiny")}
 
 _CORPUS_WORDS = """
@@ -92,8 +111,10 @@ def _corpus() -> list[str]:
     return lines * 4
 
 
-def build_tokenizer(vocab_size: int = 1024):
-    """A Qwen2 byte-level BPE tokenizer trained on the built-in corpus, plus the Qwen2-VL special tokens."""
+def build_tokenizer(vocab_size: int = 1024, named_tokens: dict[str, str] | None = None):
+    """A Qwen2 byte-level BPE tokenizer trained on the built-in corpus, plus the Qwen2-VL special tokens and any
+    family-specific ``named_tokens`` (e.g. ``{"context_image_token": "<IMG_CONTEXT>"}``: added as special tokens
+    and exposed as the tokenizer attributes the family's processor reads)."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
@@ -122,10 +143,10 @@ def build_tokenizer(vocab_size: int = 1024):
         bos_token=None,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
+        **(named_tokens or {}),
     )
-    tok.add_special_tokens(
-        {"additional_special_tokens": [t for t in QWEN2VL_SPECIAL_TOKENS if t != "<|endoftext|>"]}
-    )
+    extra = [t for t in QWEN2VL_SPECIAL_TOKENS if t != "<|endoftext|>"] + list((named_tokens or {}).values())
+    tok.add_special_tokens({"additional_special_tokens": extra})
     tok.add_special_tokens({"pad_token": "<|endoftext|>"})
     tok.chat_template = QWEN2VL_CHAT_TEMPLATE
     return tok
@@ -238,6 +259,58 @@ def _qwen_family_parts(
     return config, model_cls, image_processor, processor_cls, video_processor, template
 
 
+def _other_family_parts(family: str, ids: dict, vocab_size: int, initializer_range: float, tok):
+    """(config, model class, processor) of the InternVL3 and LLaVA-OneVision tiny presets (Qwen2 language models)."""
+    import transformers as tf
+
+    text = dict(model_type="qwen2", **_qwen_text_config(ids, vocab_size, initializer_range))
+    if family == "internvl3":
+        size, patch = 224, 14
+        seq = (size // patch // 2) ** 2  # tokens per tile after the 2x2 pixel shuffle
+        config = tf.InternVLConfig(
+            vision_config=dict(
+                hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                image_size=[size, size], patch_size=[patch, patch], initializer_range=initializer_range,
+            ),
+            text_config=text, image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"), image_seq_length=seq,
+            tie_word_embeddings=True,
+        )  # fmt: skip
+        # Dynamic tiling as InternVL3 does it (tiles, then a thumbnail of the whole image), at most 4 tiles here.
+        image_processor = tf.GotOcr2ImageProcessor(
+            size={"height": size, "width": size}, crop_to_patches=True, min_patches=1, max_patches=4,
+            image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+        )  # fmt: skip
+        processor = tf.InternVLProcessor(
+            image_processor=image_processor, tokenizer=tok, image_seq_length=seq, chat_template=INTERNVL_CHAT_TEMPLATE,
+            video_processor=tf.InternVLVideoProcessor(size={"height": size, "width": size}),
+        )  # fmt: skip
+        return config, tf.InternVLForConditionalGeneration, processor
+    if family == "llava-onevision":
+        size, patch = 112, 14
+        image_token = tok.convert_tokens_to_ids("<image>")
+        config = tf.LlavaOnevisionConfig(
+            vision_config=dict(
+                model_type="siglip_vision_model", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=2, image_size=size, patch_size=patch,
+            ),
+            text_config=text, image_token_index=image_token, video_token_index=tok.convert_tokens_to_ids("<video>"),
+            vision_feature_select_strategy="full", vision_feature_layer=-1,
+            image_grid_pinpoints=[[size, size], [size, 2 * size], [2 * size, size], [2 * size, 2 * size]],
+            tie_word_embeddings=True,
+        )  # fmt: skip
+        image_processor = tf.LlavaOnevisionImageProcessor(
+            size={"height": size, "width": size}, image_grid_pinpoints=config.image_grid_pinpoints,
+            image_mean=[0.5] * 3, image_std=[0.5] * 3,
+        )  # fmt: skip
+        processor = tf.LlavaOnevisionProcessor(
+            image_processor=image_processor, tokenizer=tok, num_image_tokens=(size // patch) ** 2,
+            vision_feature_select_strategy="full", chat_template=LLAVA_OV_CHAT_TEMPLATE,
+            video_processor=tf.LlavaOnevisionVideoProcessor(size={"height": size, "width": size}),
+        )  # fmt: skip
+        return config, tf.LlavaOnevisionForConditionalGeneration, processor
+    raise ValueError(f"no tiny builder for family {family!r}")
+
+
 def build_tiny_vlm(
     output: str | Path,
     family: str = "qwen2-vl",
@@ -248,25 +321,35 @@ def build_tiny_vlm(
 ) -> Path:
     """Write a random-init tiny VLM of ``family`` (model, tokenizer, processor, chat template) to ``output``."""
     out = Path(output)
-    tok = build_tokenizer()
+    named = {"internvl3": INTERNVL_TOKENS, "llava-onevision": LLAVA_OV_TOKENS}.get(family)
+    tok = build_tokenizer(named_tokens=named)
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN2VL_SPECIAL_TOKENS}
     vocab_size = ((len(tok) + 63) // 64) * 64
-    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-    config, model_cls, image_processor, processor_cls, video_processor, template = _qwen_family_parts(
-        family, ids, vocab_size, initializer_range, size, dict(min_pixels=min_pixels, max_pixels=max_pixels)
-    )
+    if named:
+        config, model_cls, processor = _other_family_parts(family, ids, vocab_size, initializer_range, tok)
+        tok.chat_template = processor.chat_template
+    else:
+        size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+        config, model_cls, image_processor, processor_cls, video_processor, template = _qwen_family_parts(
+            family,
+            ids,
+            vocab_size,
+            initializer_range,
+            size,
+            dict(min_pixels=min_pixels, max_pixels=max_pixels),
+        )
+        tok.chat_template = template
+        processor = processor_cls(
+            image_processor=image_processor,
+            tokenizer=tok,
+            video_processor=video_processor,
+            chat_template=template,
+        )
     config.architectures = [model_cls.__name__]
-    tok.chat_template = template
     torch.manual_seed(seed)
     model = model_cls(config).to(torch.float32).eval()
-    processor = processor_cls(
-        image_processor=image_processor,
-        tokenizer=tok,
-        video_processor=video_processor,
-        chat_template=template,
-    )
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    save_vlm(model, out)
     processor.save_pretrained(out)
     tok.save_pretrained(out)
     (out / "generation_config.json").write_text(

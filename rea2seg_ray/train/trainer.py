@@ -15,6 +15,7 @@ import torch
 
 from .. import storage
 from ..config import FinetuneConfig
+from ..models.families import save_vlm
 from .loop import STATE_FILE, load_scorer_for_training, load_trainable_state, train_loop_per_worker
 
 
@@ -98,7 +99,7 @@ def export(cfg: FinetuneConfig, model_path: str, checkpoint, dest: str) -> str:
         model = model.merge_and_unload()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "export"
-        model.eval().save_pretrained(out, safe_serialization=True)
+        save_vlm(model.eval(), out)  # weight names as the family's hub checkpoints have them: vLLM loads them
         processor.tokenizer.padding_side = "left"
         processor.save_pretrained(out)
         gen = Path(model_path) / "generation_config.json"

@@ -88,7 +88,12 @@ def test_family_spans_cover_the_image_and_the_question(model_cache, preset):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "preset,sam",
-    [("tiny-qwen2.5-vl", "tiny-sam2"), ("tiny-qwen3-vl", "tiny-sam3"), ("tiny-qwen2-vl", "tiny-sam-hq")],
+    [
+        ("tiny-qwen3-vl", "tiny-sam3"),
+        ("tiny-internvl3", "tiny-sam2"),
+        ("tiny-llava-onevision", "tiny-sam-hq"),
+        ("tiny-qwen2.5-vl", "tiny-sam"),
+    ],
 )
 def test_segment_cli_with_a_family_and_a_mask_decoder(ray_driver, scenes_dir, tmp_path, preset, sam):
     """`rea2seg segment` with one VLM preset as discovery model (sdpa attention path) and as vLLM scorer, and a
@@ -148,7 +153,9 @@ def test_segment_cli_with_a_family_and_a_mask_decoder(ray_driver, scenes_dir, tm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+@pytest.mark.parametrize(
+    "preset", ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-internvl3", "tiny-llava-onevision"]
+)
 def test_scorer_family_serves_trains_exports_and_reloads_in_vllm(ray_driver, scoring_data, tmp_path, preset):
     """Per scorer family: vLLM and transformers agree within 1e-3; a few steps of `rea2seg finetune` (the family's
     own chat template and turn tokens) export a folder vLLM loads, scoring differently from the base model."""
