@@ -61,10 +61,9 @@ def build(cfg: BenchConfig, attn: str):
     tok = build_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN2VL_SPECIAL_TOKENS}
     side = 28 if cfg.family != "qwen3-vl" else 32  # pixels per merged token
-    pixels = cfg.image_tokens * side * side
-    size = {"shortest_edge": 56 * 56, "longest_edge": pixels}
-    config, _model_cls, image_processor, processor_cls, video_processor, template = _qwen_family_parts(
-        cfg.family, ids, ((len(tok) + 63) // 64) * 64, 0.3, size, dict(min_pixels=56 * 56, max_pixels=pixels)
+    vocab = ((len(tok) + 63) // 64) * 64
+    config, _, processor = _qwen_family_parts(
+        cfg.family, ids, vocab, 0.3, tok, 56 * 56, cfg.image_tokens * side * side
     )
     head_dim = cfg.hidden // cfg.heads
     t = config.text_config
@@ -76,13 +75,6 @@ def build(cfg: BenchConfig, attn: str):
     )  # mrope halves split (time, height, width) as the real models do: 1/4, 3/8, 3/8
     t.rope_parameters = {**t.rope_parameters, "mrope_section": [quarter, 3 * quarter // 2, 3 * quarter // 2]}
     config.vision_config.out_hidden_size = cfg.hidden
-    tok.chat_template = template
-    processor = processor_cls(
-        image_processor=image_processor,
-        tokenizer=tok,
-        video_processor=video_processor,
-        chat_template=template,
-    )
     torch.manual_seed(cfg.seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32, attn_implementation=attn)
     return model.eval(), processor

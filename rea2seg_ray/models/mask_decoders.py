@@ -66,6 +66,7 @@ def build_tiny_mask_decoder(output: str | Path, kind: str, seed: int = 0, init: 
     import transformers as tf
 
     hidden = 32
+    decoder = dict(hidden_size=hidden, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32)
     if kind == "sam2.1":
         size = 256
         config = tf.Sam2Config(
@@ -81,7 +82,7 @@ def build_tiny_mask_decoder(output: str | Path, kind: str, seed: int = 0, init: 
                 fpn_hidden_size=hidden, initializer_range=init,
             ),
             prompt_encoder_config=dict(hidden_size=hidden, image_size=size, patch_size=16),
-            mask_decoder_config=dict(hidden_size=hidden, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32),
+            mask_decoder_config=decoder,
             initializer_range=init,
         )  # fmt: skip
         model_cls = tf.Sam2Model
@@ -99,9 +100,7 @@ def build_tiny_mask_decoder(output: str | Path, kind: str, seed: int = 0, init: 
                 initializer_range=init,
             ),
             prompt_encoder_config=dict(hidden_size=hidden, image_size=size, patch_size=16),
-            mask_decoder_config=dict(
-                hidden_size=hidden, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32, vit_dim=32
-            ),
+            mask_decoder_config=dict(decoder, vit_dim=32),
             initializer_range=init,
         )  # fmt: skip
         model_cls = tf.SamHQModel
@@ -125,7 +124,7 @@ def build_tiny_mask_decoder(output: str | Path, kind: str, seed: int = 0, init: 
                 initializer_range=init,
             ),
             prompt_encoder_config=dict(hidden_size=hidden, image_size=size, patch_size=patch),
-            mask_decoder_config=dict(hidden_size=hidden, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32),
+            mask_decoder_config=decoder,
             initializer_range=init,
         )  # fmt: skip
         model_cls = tf.Sam3TrackerModel

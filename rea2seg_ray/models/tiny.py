@@ -172,9 +172,9 @@ def _qwen_text_config(ids: dict, vocab_size: int, initializer_range: float, **ex
 
 
 def _qwen_family_parts(
-    family: str, ids: dict, vocab_size: int, initializer_range: float, size: dict, pixels: dict
+    family: str, ids: dict, vocab_size: int, initializer_range: float, tok, min_pixels: int, max_pixels: int
 ):
-    """(config, model class, image processor, processor class, video processor, chat template) of a tiny preset."""
+    """(config, model class, processor with ``tok``) of a tiny Qwen-family preset."""
     import transformers as tf
 
     # mrope_section: the rotary halves (head_dim 64 -> 32) split over (time, height, width).
@@ -186,9 +186,15 @@ def _qwen_family_parts(
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True,
     )
+    text = _qwen_text_config(ids, vocab_size, initializer_range, rope_parameters=rope)
+    # The vision towers of Qwen2.5-VL and Qwen3-VL at tiny width (2x2 merge into the 128-wide text model).
+    vision = dict(
+        depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128, spatial_merge_size=2,
+        temporal_patch_size=2, initializer_range=initializer_range,
+    )  # fmt: skip
     if family == "qwen2-vl":
         config = tf.Qwen2VLConfig(
-            text_config=_qwen_text_config(ids, vocab_size, initializer_range, rope_parameters=rope),
+            text_config=text,
             vision_config=dict(
                 depth=2,
                 embed_dim=64,
@@ -207,46 +213,19 @@ def _qwen_family_parts(
         template = QWEN2VL_CHAT_TEMPLATE
     elif family == "qwen2.5-vl":
         config = tf.Qwen2_5_VLConfig(
-            text_config=_qwen_text_config(ids, vocab_size, initializer_range, rope_parameters=rope),
-            vision_config=dict(
-                depth=2,
-                hidden_size=64,
-                intermediate_size=128,
-                num_heads=2,
-                out_hidden_size=128,
-                patch_size=14,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-                window_size=112,
-                fullatt_block_indexes=[1],
-                initializer_range=initializer_range,
-            ),  # fmt: skip
+            text_config=text,
+            vision_config=dict(vision, patch_size=14, window_size=112, fullatt_block_indexes=[1]),
             **tokens,
         )
         parts = (tf.Qwen2_5_VLForConditionalGeneration, tf.Qwen2_5_VLProcessor, tf.Qwen2VLVideoProcessor, 14)
         template = QWEN2VL_CHAT_TEMPLATE
     elif family == "qwen3-vl":
+        text.update(head_dim=64, rope_parameters={**rope, "rope_theta": 5000000.0, "mrope_interleaved": True})
         config = tf.Qwen3VLConfig(
-            text_config=_qwen_text_config(
-                ids,
-                vocab_size,
-                initializer_range,
-                head_dim=64,
-                rope_parameters={**rope, "rope_theta": 5000000.0, "mrope_interleaved": True},
-            ),  # fmt: skip
+            text_config=text,
             vision_config=dict(
-                depth=2,
-                hidden_size=64,
-                intermediate_size=128,
-                num_heads=2,
-                out_hidden_size=128,
-                patch_size=16,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-                num_position_embeddings=576,
-                deepstack_visual_indexes=[1],
-                initializer_range=initializer_range,
-            ),  # fmt: skip
+                vision, patch_size=16, num_position_embeddings=576, deepstack_visual_indexes=[1]
+            ),
             **tokens,
         )
         parts = (tf.Qwen3VLForConditionalGeneration, tf.Qwen3VLProcessor, tf.Qwen3VLVideoProcessor, 16)
@@ -254,9 +233,14 @@ def _qwen_family_parts(
     else:
         raise ValueError(f"no tiny builder for family {family!r}")
     model_cls, processor_cls, video_cls, patch = parts
-    image_processor = tf.Qwen2VLImageProcessor(size=size, patch_size=patch, merge_size=2, **pixels)
-    video_processor = video_cls(size=size, patch_size=patch, merge_size=2, **pixels)
-    return config, model_cls, image_processor, processor_cls, video_processor, template
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    pixels = dict(size=size, patch_size=patch, merge_size=2, min_pixels=min_pixels, max_pixels=max_pixels)
+    tok.chat_template = template
+    processor = processor_cls(
+        image_processor=tf.Qwen2VLImageProcessor(**pixels), tokenizer=tok, video_processor=video_cls(**pixels),
+        chat_template=template,
+    )  # fmt: skip
+    return config, model_cls, processor
 
 
 def _other_family_parts(family: str, ids: dict, vocab_size: int, initializer_range: float, tok):
@@ -329,21 +313,8 @@ def build_tiny_vlm(
         config, model_cls, processor = _other_family_parts(family, ids, vocab_size, initializer_range, tok)
         tok.chat_template = processor.chat_template
     else:
-        size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-        config, model_cls, image_processor, processor_cls, video_processor, template = _qwen_family_parts(
-            family,
-            ids,
-            vocab_size,
-            initializer_range,
-            size,
-            dict(min_pixels=min_pixels, max_pixels=max_pixels),
-        )
-        tok.chat_template = template
-        processor = processor_cls(
-            image_processor=image_processor,
-            tokenizer=tok,
-            video_processor=video_processor,
-            chat_template=template,
+        config, model_cls, processor = _qwen_family_parts(
+            family, ids, vocab_size, initializer_range, tok, min_pixels, max_pixels
         )
     config.architectures = [model_cls.__name__]
     torch.manual_seed(seed)
