@@ -94,3 +94,35 @@ def build_sam(cfg: dict) -> Sam:
     )
     sam.eval()
     return sam
+
+
+def _sdpa_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """segment_anything's image-encoder ``Attention.forward`` through PyTorch's fused SDPA: the decomposed relative
+    position terms become the additive mask (segment-anything-fast's recipe). x: (B, H, W, C) -> (B, H, W, C)."""
+    from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
+
+    b, h, w, _ = x.shape
+    qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # (B, heads, HW, C')
+    bias = None
+    if self.use_rel_pos:
+        flat = q.reshape(b * self.num_heads, h * w, -1)
+        zeros = torch.zeros(b * self.num_heads, h * w, h * w, dtype=q.dtype, device=q.device)
+        bias = add_decomposed_rel_pos(zeros, flat, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
+        bias = bias.view(b, self.num_heads, h * w, h * w)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+    out = out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+    return self.proj(out)
+
+
+def use_sdpa(sam: Sam) -> Sam:
+    """Run every attention block of ``sam``'s image encoder through SDPA (flash / memory-efficient kernels on GPU);
+    the same function as segment_anything's, to float rounding. Returns ``sam``."""
+    import types
+
+    from segment_anything.modeling.image_encoder import Attention
+
+    for module in sam.image_encoder.modules():
+        if isinstance(module, Attention):
+            module.forward = types.MethodType(_sdpa_attention_forward, module)
+    return sam

@@ -49,3 +49,12 @@ def test_attention_benchmark_prints_both_paths_and_their_ratios(model_cache):
     assert re.search(r"ratios \(eager / fast\): time [\d.]+x, peak memory [\d.]+x", out), out
     diff = float(re.search(r"largest heat-map difference: (\S+)", out).group(1))
     assert diff <= 1e-4, out
+
+
+def test_gpu_benchmark_code_paths_run_in_smoke_mode(model_cache):
+    """bench/gpu.py is prepared for a lent GPU; smoke=true runs its three stages at tiny sizes on CPU."""
+    out = run_bench("gpu.py", "smoke=true")
+    assert "GPU benchmark on CPU (smoke" in out, out
+    assert re.search(r"discovery \(.*\): [\d.]+ queries/s", out), out
+    assert re.search(r"SAM tiny image encoder.*fp32 \(segment_anything\) [\d.]+ img/s.* [\d.]+x", out), out
+    assert re.search(r"scorer \(.*vLLM\): [\d.]+ candidates/s", out), out

@@ -41,3 +41,19 @@ def test_one_interface_for_every_mask_decoder(model_cache, preset, monkeypatch):
         for m in masks:
             assert m.mask.shape == (h, w) and m.mask.dtype == bool and np.isfinite(m.iou)
         assert any(m.mask.any() for m in masks)
+
+
+def test_sam_image_encoder_through_sdpa_equals_segment_anything(model_cache):
+    """The SDPA image encoder (relative positions as the additive mask) computes segment_anything's function."""
+    from rea2seg_ray.models.loading import load_sam
+    from rea2seg_ray.models.sam import use_sdpa
+
+    sam = load_sam("tiny-sam")
+    with torch.no_grad():
+        for name, p in sam.image_encoder.named_parameters():
+            if "rel_pos" in name:  # non-zero relative positions, so the mask matters
+                p.normal_(generator=torch.Generator().manual_seed(len(name)))
+        x = torch.randn(2, 3, 512, 512, generator=torch.Generator().manual_seed(0))
+        want = sam.image_encoder(x)
+        got = use_sdpa(sam).image_encoder(x)
+    assert got.shape == want.shape and float((got - want).abs().max()) < 1e-4
