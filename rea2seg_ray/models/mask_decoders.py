@@ -28,8 +28,12 @@ class MaskDecoderKind:
 MASK_DECODERS: tuple[MaskDecoderKind, ...] = (
     MaskDecoderKind("sam2.1", ("sam2",), "Sam2Model", "Sam2Processor", "square"),
     MaskDecoderKind("sam-hq", ("sam_hq",), "SamHQModel", "SamHQProcessor", "longest"),
-    # A full SAM 3 checkpoint (model_type sam3) holds the tracker too: points and boxes go through it.
-    MaskDecoderKind("sam3", ("sam3_tracker", "sam3"), "Sam3TrackerModel", "Sam3TrackerProcessor", "square"),
+    # SAM 3: points and boxes go through its tracker, from a tracker checkpoint or a full one (facebook/sam3 is
+    # model_type sam3_video: detector + tracker). A detector-only checkpoint (model_type sam3) has no tracker weights,
+    # so it is not accepted here (transformers would leave the tracker's mask decoder randomly initialised).
+    MaskDecoderKind(
+        "sam3", ("sam3_tracker", "sam3_video"), "Sam3TrackerModel", "Sam3TrackerProcessor", "square"
+    ),
 )
 
 

@@ -57,3 +57,10 @@ def test_sam_image_encoder_through_sdpa_equals_segment_anything(model_cache):
         want = sam.image_encoder(x)
         got = use_sdpa(sam).image_encoder(x)
     assert got.shape == want.shape and float((got - want).abs().max()) < 1e-4
+
+
+def test_a_detector_only_sam3_checkpoint_is_refused_by_name(tmp_path):
+    """A SAM 3 detector-only folder has no tracker weights: refusing it beats a silently random mask decoder."""
+    (tmp_path / "config.json").write_text('{"model_type": "sam3"}')
+    with pytest.raises(ValueError, match="'sam3' is not a supported mask decoder.*sam3_video"):
+        mask_decoder_kind(tmp_path)
