@@ -1,9 +1,10 @@
 """Everything that differs between VLM families, in one registry keyed by the checkpoint's ``model_type``.
 
-Discovery (where the image tokens sit and what grid they form, where the question is, the decoder layers),
-scoring (vLLM engine arguments, the processor's resize rule), training (where a chat turn ends and the assistant's
-begins) and the tiny presets all read it; no other module names a family's tokens. One entry per family, the way
-vLLM's offline examples keep one per model type.
+Discovery (where the image tokens sit and what grid they form, where the question is), training (where a chat turn
+ends and the assistant's begins), the fine-tuning export and the tiny presets (weight names as the hub has them)
+read it; no other module names a family's tokens. Scoring needs nothing from it: its prompts go through each
+model's own chat template and processor. One entry per family, the way vLLM's offline examples keep one per model
+type.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,8 +41,6 @@ class VLMFamily:
     cell_pixels: Callable[[object], int]
     # Coordinates the family's own grounding answers use (discovery.text_box_coords="auto").
     box_coords: str = "resized"
-    # Extra vLLM engine arguments the family needs (merged under the user's; the user's win).
-    vllm_args: dict = field(default_factory=dict)
     # Weight-name prefixes transformers' save_pretrained writes differently from the hub checkpoints vLLM reads:
     # (written, as the hub has it). Applied by ``save_vlm``.
     saved_prefixes: tuple[tuple[str, str], ...] = ()
