@@ -34,6 +34,9 @@ class ModelsConfig:
     discovery: str = "tiny-qwen2-vl"
     sam: str = "tiny-sam"
     scorer: str = "tiny-qwen2-vl-scorer"
+    # SAM 3 for text prompts (discovery source ``concept``): a detector checkpoint (model_type sam3) or a full one
+    # (facebook/sam3, sam3_video). Loaded only when that source is on.
+    concept: str = "tiny-sam3-concept"
     cache_dir: str = ""  # empty: default_cache_dir()
     # Hub ids (org/name) are refused unless this is set: runs must not fetch weights behind the user's back.
     allow_hub: bool = False
@@ -94,7 +97,9 @@ class DiscoveryConfig:
 
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
-    sources: list[str] = field(default_factory=lambda: ["attention"])  # + automatic | text_box | given
+    sources: list[str] = field(
+        default_factory=lambda: ["attention"]
+    )  # + automatic | text_box | given | concept
     mllm_batch_size: int = 4  # queries per MLLM forward
     sam_batch_size: int = 4  # images per SAM image-encoder forward
     max_candidates: int = 8  # K
@@ -109,6 +114,15 @@ class DiscoveryConfig:
         "Find the object the question refers to. Answer only with JSON: "
         '{"bbox": [x1, y1, x2, y2], "points": [[x, y], [x, y]]}'
     )
+    # Source ``concept`` (SAM 3 Agent's first step): the MLLM names the target as short noun phrases, SAM 3
+    # (models.concept) segments every instance of each; instances scoring at least concept_threshold join the
+    # candidates.
+    concept_prompt: str = (
+        "Name the object the question refers to as a short noun phrase. Answer only the phrase."
+    )
+    concept_max_phrases: int = 3  # phrases taken from the answer (one per line, comma or semicolon)
+    concept_tokens: int = 24  # answer tokens generated
+    concept_threshold: float = 0.3  # SAM 3's instance score
     # Coordinates of the text-box answer: auto (the discovery model's family: normalized_1000 for Qwen2-VL and
     # Qwen3-VL, resized for Qwen2.5-VL) | normalized_1000 | resized (the processor's resized image) | original.
     text_box_coords: str = "auto"

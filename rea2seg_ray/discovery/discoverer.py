@@ -14,11 +14,11 @@ from ..config import DiscoveryConfig, ModelsConfig
 from ..models.loading import default_dtype
 from ..records import Candidate, Query
 from .attention import AttentionMapper
-from .merge import RawCandidate, given_candidates, merge_candidates, parse_box_answer
+from .merge import RawCandidate, given_candidates, merge_candidates, parse_box_answer, parse_noun_phrases
 from .prompts import HeatMap, blob_boxes, coldest_points, find_peaks
-from .sam_prompts import SamMask, load_prompter
+from .sam_prompts import SamMask, load_concept_segmenter, load_prompter
 
-SOURCES = ("attention", "automatic", "text_box", "given")
+SOURCES = ("attention", "automatic", "text_box", "given", "concept")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -37,8 +37,8 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 def needs_mllm(cfg: DiscoveryConfig) -> bool:
-    """Whether the discovery MLLM is loaded: its attention or its text answer is a candidate source."""
-    return any(s in cfg.sources for s in ("attention", "text_box"))
+    """Whether the discovery MLLM is loaded: its attention or its text answers are a candidate source."""
+    return any(s in cfg.sources for s in ("attention", "text_box", "concept"))
 
 
 def needs_sam(cfg: DiscoveryConfig) -> bool:
@@ -80,6 +80,11 @@ class Discoverer:
         self.prompter = None
         if self.needs_sam:
             self.prompter = load_prompter(models.sam, self.device, self.dtype, cache, models.allow_hub)
+        self.concept = None
+        if "concept" in cfg.sources:
+            self.concept = load_concept_segmenter(
+                models.concept, self.device, self.dtype, cfg.concept_threshold, cache, models.allow_hub
+            )
         self.timings: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)
 
@@ -152,6 +157,21 @@ class Discoverer:
                 answers = [""] * n
             self.timings["mllm"] += time.perf_counter() - t0
 
+        phrases: list[list[str]] = [[] for _ in range(n)]
+        if self.concept is not None:
+            t0 = time.perf_counter()
+            try:
+                said = self.mapper.generate_text(
+                    images,
+                    [q.text() for q in queries],
+                    "\n" + self.cfg.concept_prompt,
+                    self.cfg.concept_tokens,
+                )
+                phrases = [parse_noun_phrases(a, self.cfg.concept_max_phrases) for a in said]
+            except Exception:  # noqa: BLE001 - like text_box, an optional source: the others still give candidates
+                pass
+            self.timings["mllm"] += time.perf_counter() - t0
+
         # One SAM embedding per distinct image array.
         t0 = time.perf_counter()
         uniq: dict[int, int] = {}
@@ -165,13 +185,23 @@ class Discoverer:
             if self.needs_sam
             else [None] * len(distinct)
         )
+        # SAM 3's encoding of each distinct image that has phrases to look for.
+        concept_embs: dict[int, object] = {}
+        if self.concept is not None:
+            for i, im in enumerate(images):
+                if phrases[i] and uniq[id(im)] not in concept_embs:
+                    concept_embs[uniq[id(im)]] = self.concept.embed(im)
         self.timings["sam"] += time.perf_counter() - t0
 
         for i, (q, im) in enumerate(zip(queries, images, strict=True)):
             try:
                 if isinstance(heats[i], Exception):
                     raise heats[i]
-                results[i] = self._discover_one(q, im, embs[uniq[id(im)]], heats[i], answers[i])
+                extra = []
+                if phrases[i]:
+                    extra = self.concept.segment(concept_embs[uniq[id(im)]], im.shape[:2], phrases[i])
+                    self.counts["concept_phrases"] += len(phrases[i])
+                results[i] = self._discover_one(q, im, embs[uniq[id(im)]], heats[i], answers[i], extra)
             except Exception as e:  # noqa: BLE001 - one query's failure never sinks the batch
                 results[i] = (
                     e if isinstance(e, DiscoveryError) else DiscoveryError(f"{type(e).__name__}: {e}")
@@ -181,11 +211,12 @@ class Discoverer:
         return results
 
     def _discover_one(
-        self, q: Query, im: np.ndarray, emb, heat: HeatMap | None, answer: str
+        self, q: Query, im: np.ndarray, emb, heat: HeatMap | None, answer: str, concept: list[SamMask] = ()
     ) -> list[Candidate]:
+        """``concept``: SAM 3's instances of the MLLM's noun phrases for this query (source ``concept``)."""
         h, w = im.shape[:2]
         t0 = time.perf_counter()
-        sam_masks: list[SamMask] = []
+        sam_masks: list[SamMask] = list(concept)
         if "attention" in self.cfg.sources and heat is not None:
             sam_masks += self._attention_masks(emb, heat)
         if "automatic" in self.cfg.sources:

@@ -96,3 +96,20 @@ def parse_box_answer(text: str, height: int, width: int, coords: str, resized: t
         return None
     pts = [(min(max(px * sx, 0), width - 1), min(max(py * sy, 0), height - 1)) for px, py in points]
     return [x0, y0, x1, y1], pts
+
+
+_PHRASE_SPLIT = re.compile(r"[\n,;]+")
+
+
+def parse_noun_phrases(text: str, k: int, max_words: int = 6) -> list[str]:
+    """The MLLM's answer to the concept prompt -> up to ``k`` distinct short phrases (one per line, comma or
+    semicolon; quotes, list marks and a trailing full stop dropped; a longer phrase keeps its first ``max_words``
+    words, which also keeps it within SAM 3's 32 text tokens)."""
+    out: list[str] = []
+    for part in _PHRASE_SPLIT.split(text or ""):
+        phrase = " ".join(re.sub(r"^[\s\-*•\d.)\"']+|[\s.\"']+$", "", part).split()[:max_words])
+        if phrase and phrase.lower() not in (p.lower() for p in out):
+            out.append(phrase)
+        if len(out) >= k:
+            break
+    return out

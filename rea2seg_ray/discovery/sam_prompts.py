@@ -244,3 +244,66 @@ def load_prompter(
         return SamPrompter(sam.to(dtype) if device != "cpu" else sam)
     model, processor = load_hf_mask_decoder(path, kind, device, dtype)
     return HFSamPrompter(model, processor, kind)
+
+
+class ConceptSegmenter:
+    """SAM 3 on text (SAM 3 Agent's first step): every instance of a noun phrase. Each image is encoded once
+    (``embed``); each phrase then runs SAM 3's detector on that encoding."""
+
+    def __init__(self, model, processor, threshold: float = 0.3):
+        self.model, self.processor, self.threshold = model, processor, threshold
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def embed(self, image: np.ndarray):
+        """(H, W, 3) uint8 RGB -> SAM 3's vision features of the image (batch 1)."""
+        enc = self.processor(images=[image], return_tensors="pt")
+        pixels = enc["pixel_values"].to(self.device, next(self.model.parameters()).dtype)
+        return self.model.get_vision_features(pixels)
+
+    @torch.no_grad()
+    def segment(self, vision, size: tuple[int, int], phrases: list[str]) -> list[SamMask]:
+        """Instances of each phrase scoring at least ``threshold``, as (H, W) masks (``size`` = (H, W))."""
+        out: list[SamMask] = []
+        for phrase in phrases:
+            text = self.processor(text=[phrase], return_tensors="pt")
+            result = self.model(
+                vision_embeds=vision,
+                input_ids=text["input_ids"].to(self.device),
+                attention_mask=text["attention_mask"].to(self.device),
+            )
+            (found,) = self.processor.post_process_instance_segmentation(
+                result, threshold=self.threshold, mask_threshold=0.5, target_sizes=[size]
+            )
+            for mask, score in zip(found["masks"], found["scores"], strict=True):
+                out.append(SamMask(mask.cpu().numpy().astype(bool), float(score), "concept", (phrase,)))
+        return out
+
+
+def load_concept_segmenter(
+    spec: str,
+    device: str,
+    dtype: torch.dtype,
+    threshold: float,
+    cache_dir: str | None = None,
+    allow_hub: bool = False,
+) -> ConceptSegmenter:
+    """SAM 3's detector from a ``sam3`` (detector) or ``sam3_video`` (facebook/sam3) folder, with its processor."""
+    import json
+
+    import transformers
+
+    from ..models.loading import resolve_model
+
+    path = resolve_model(spec, cache_dir, allow_hub)
+    cfg = path / "config.json"
+    model_type = json.loads(cfg.read_text()).get("model_type", "") if cfg.exists() else ""
+    if model_type not in ("sam3", "sam3_video"):
+        raise ValueError(
+            f"models.concept {spec!r} ({path}) is not a SAM 3 checkpoint (model_type {model_type!r})"
+        )
+    model = transformers.Sam3Model.from_pretrained(path, dtype=dtype).to(device).eval()
+    return ConceptSegmenter(model, transformers.Sam3Processor.from_pretrained(path), threshold)

@@ -62,14 +62,29 @@ def load_hf_mask_decoder(path: Path, kind: MaskDecoderKind, device: str, dtype: 
 
 
 # Tiny presets: real config classes at reduced sizes (random init; for tests, CI and the demo).
-TINY_MASK_DECODERS = {"tiny-sam2": "sam2.1", "tiny-sam-hq": "sam-hq", "tiny-sam3": "sam3"}
+TINY_MASK_DECODERS = {
+    "tiny-sam2": "sam2.1", "tiny-sam-hq": "sam-hq", "tiny-sam3": "sam3", "tiny-sam3-concept": "sam3-concept",
+}  # fmt: skip
 
 
 def build_tiny_mask_decoder(output: str | Path, kind: str, seed: int = 0, init: float = 0.3) -> Path:
-    """Write a random-init tiny SAM 2.1, SAM-HQ or SAM 3 tracker (model + processor) to ``output``."""
+    """Write a random-init tiny SAM 2.1, SAM-HQ, SAM 3 tracker or SAM 3 detector (``sam3-concept``: text prompts,
+    with the project's tiny BPE tokenizer in place of CLIP's) and its processor to ``output``."""
     import transformers as tf
 
     hidden = 32
+    sam3_vision = None
+    if kind in ("sam3", "sam3-concept"):
+        size, patch = 224, 14
+        g = size // patch
+        sam3_vision = dict(
+            backbone_config=dict(
+                hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=size,
+                patch_size=patch, window_size=8, global_attn_indexes=[1], pretrain_image_size=size,
+                initializer_range=init,
+            ),
+            fpn_hidden_size=hidden, backbone_feature_sizes=[[4 * g] * 2, [2 * g] * 2, [g] * 2], initializer_range=init,
+        )  # fmt: skip
     decoder = dict(hidden_size=hidden, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32)
     if kind == "sam2.1":
         size = 256
@@ -115,22 +130,12 @@ def build_tiny_mask_decoder(output: str | Path, kind: str, seed: int = 0, init: 
             )
         )  # fmt: skip
     elif kind == "sam3":
-        size, patch = 224, 14
-        g = size // patch
         config = tf.Sam3TrackerConfig(
-            vision_config=dict(
-                backbone_config=dict(
-                    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                    image_size=size, patch_size=patch, window_size=8, global_attn_indexes=[1],
-                    pretrain_image_size=size, initializer_range=init,
-                ),
-                fpn_hidden_size=hidden, backbone_feature_sizes=[[4 * g] * 2, [2 * g] * 2, [g] * 2],
-                initializer_range=init,
-            ),
+            vision_config=sam3_vision,
             prompt_encoder_config=dict(hidden_size=hidden, image_size=size, patch_size=patch),
             mask_decoder_config=decoder,
             initializer_range=init,
-        )  # fmt: skip
+        )
         model_cls = tf.Sam3TrackerModel
         processor = tf.Sam3TrackerProcessor(
             image_processor=tf.Sam2ImageProcessor(
@@ -138,6 +143,30 @@ def build_tiny_mask_decoder(output: str | Path, kind: str, seed: int = 0, init: 
                 image_mean=[0.5] * 3, image_std=[0.5] * 3,
             ),
             target_size=size,
+        )  # fmt: skip
+    elif kind == "sam3-concept":
+        from .tiny import build_tokenizer
+
+        tok = build_tokenizer()
+        layers = dict(hidden_size=hidden, num_layers=1, num_attention_heads=2, intermediate_size=64)
+        config = tf.Sam3Config(
+            vision_config=sam3_vision,
+            text_config=dict(
+                model_type="clip_text_model", vocab_size=((len(tok) + 63) // 64) * 64, hidden_size=32,
+                intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32,
+                projection_dim=hidden, pad_token_id=tok.pad_token_id, bos_token_id=tok.pad_token_id,
+                eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+            ),
+            geometry_encoder_config=layers, detr_encoder_config=layers,
+            detr_decoder_config=dict(layers, num_queries=16), mask_decoder_config=dict(hidden_size=hidden, num_attention_heads=2),
+            initializer_range=init,
+        )  # fmt: skip
+        model_cls = tf.Sam3Model
+        processor = tf.Sam3Processor(
+            image_processor=tf.Sam3ImageProcessor(
+                size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+            ),
+            tokenizer=tok, target_size=size,
         )  # fmt: skip
     else:
         raise ValueError(f"no tiny builder for mask decoder {kind!r}")

@@ -221,6 +221,8 @@ def record_run(cfg: SegmentConfig, run_id: str, started: datetime) -> str:
         roles["discovery"] = (cfg.models.discovery, cfg.discover_pool)
     if needs_sam(cfg.discovery):
         roles["sam"] = (cfg.models.sam, cfg.discover_pool)
+    if "concept" in cfg.discovery.sources:
+        roles["concept"] = (cfg.models.concept, cfg.discover_pool)
     digest = ray.remote(num_cpus=0, max_retries=3)(provenance.model_digests)
     env = {"env_vars": worker_env()}
     refs = {

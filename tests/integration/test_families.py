@@ -87,15 +87,15 @@ def test_family_spans_cover_the_image_and_the_question(model_cache, preset):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "preset,sam",
+    "preset,sam,concept",
     [
-        ("tiny-qwen3-vl", "tiny-sam3"),
-        ("tiny-internvl3", "tiny-sam2"),
-        ("tiny-llava-onevision", "tiny-sam-hq"),
-        ("tiny-qwen2.5-vl", "tiny-sam"),
+        ("tiny-qwen3-vl", "tiny-sam3", True),  # + the concept source: SAM 3 segments the MLLM's noun phrases
+        ("tiny-internvl3", "tiny-sam2", False),
+        ("tiny-llava-onevision", "tiny-sam-hq", False),
+        ("tiny-qwen2.5-vl", "tiny-sam", False),
     ],
 )
-def test_segment_cli_with_a_family_and_a_mask_decoder(ray_driver, scenes_dir, tmp_path, preset, sam):
+def test_segment_cli_with_a_family_and_a_mask_decoder(ray_driver, scenes_dir, tmp_path, preset, sam, concept):
     """`rea2seg segment` with one VLM preset as discovery model (sdpa attention path) and as vLLM scorer, and a
     transformers mask decoder: ok rows, masks at image size, a provenance record naming the exact weights."""
     rows = [
@@ -119,6 +119,15 @@ def test_segment_cli_with_a_family_and_a_mask_decoder(ray_driver, scenes_dir, tm
             f"models.discovery={preset}",
             f"models.scorer={preset}",
             f"models.sam={sam}",
+            *(
+                [
+                    "discovery.sources=[attention,concept]",
+                    "discovery.concept_threshold=0.0",
+                    "discovery.max_candidates=32",
+                ]
+                if concept
+                else []
+            ),
             f"ray.address={ray_driver['address']}",
             "ray.progress_bars=false",
             "evaluate=false",
@@ -135,6 +144,8 @@ def test_segment_cli_with_a_family_and_a_mask_decoder(ray_driver, scenes_dir, tm
         assert g["status"] == "ok", g["error"]
         assert g["discovery_model"] == preset and g["scorer_model"] == preset
         assert any(c["source"].startswith("attention") for c in g["candidates"])
+    if concept:
+        assert any(c["source"] == "concept" for g in got for c in g["candidates"])
         m = coco.decode({"size": g["mask"]["size"], "counts": g["mask"]["counts"].encode()})
         assert m.shape == (g["height"], g["width"]) == (240, 320)
     # Provenance: the run's record names the exact weights, and every file it wrote carries the run id and hash.
@@ -146,6 +157,7 @@ def test_segment_cli_with_a_family_and_a_mask_decoder(ray_driver, scenes_dir, tm
     assert record["models"]["scorer"]["files"] == {"model.safetensors": digest}
     assert record["models"]["sam"]["spec"] == sam and record["config"]["models"]["scorer"] == preset
     assert record["packages"]["transformers"] and record["packages"]["ray"]
+    assert ("concept" in record["models"]) == concept
     for f in (out / "predictions").glob("*.parquet"):
         meta = pq.ParquetFile(f).metadata.metadata
         assert meta[b"rea2seg.run_id"].decode() == run_id

@@ -64,3 +64,34 @@ def test_a_detector_only_sam3_checkpoint_is_refused_by_name(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "sam3"}')
     with pytest.raises(ValueError, match="'sam3' is not a supported mask decoder.*sam3_video"):
         mask_decoder_kind(tmp_path)
+
+
+def test_concept_source_adds_sam3_instances_of_the_mllms_phrases(model_cache, monkeypatch):
+    """Source `concept`: the MLLM's noun phrases go to SAM 3 (each distinct image encoded once) and every instance
+    over the threshold joins the candidates, at image size."""
+    from rea2seg_ray.config import DiscoveryConfig, ModelsConfig
+    from rea2seg_ray.discovery.discoverer import Discoverer
+    from rea2seg_ray.records import Query
+
+    d = Discoverer(
+        DiscoveryConfig(sources=["attention", "concept"], concept_threshold=0.0, max_candidates=64),
+        ModelsConfig(discovery="tiny-qwen3-vl", sam="tiny-sam3"),
+    )
+    monkeypatch.setattr(
+        d.mapper, "generate_text", lambda images, *a, **k: ["the red circle, a cup"] * len(images)
+    )
+    encoded = []
+    real_embed = d.concept.embed
+    monkeypatch.setattr(d.concept, "embed", lambda im: encoded.append(im.shape) or real_embed(im))
+    rng = np.random.default_rng(2)
+    shared, other = (
+        rng.integers(0, 255, (240, 320, 3), np.uint8),
+        rng.integers(0, 255, (200, 260, 3), np.uint8),
+    )
+    qs = [Query("a", "x", "the red circle"), Query("b", "x", "a cup"), Query("c", "y", "the red circle")]
+    results = d.discover(qs, [shared, shared, other])
+    assert encoded == [(240, 320, 3), (200, 260, 3)]  # one SAM 3 encoding per distinct image
+    assert d.counts["concept_phrases"] == 6
+    for r, (h, w) in zip(results, [(240, 320), (240, 320), (200, 260)], strict=True):
+        concept = [c for c in r if c.source == "concept"]
+        assert concept and all(c.mask["size"] == [h, w] for c in concept)

@@ -121,3 +121,16 @@ def test_parse_seg_zero_style_answers():
     assert parse_box_answer("no json here", 10, 10, "original") is None
     assert parse_box_answer('{"bbox": [5, 5, 5, 9]}', 10, 10, "original") is None  # zero width
     assert parse_box_answer('{"bbox": "x"}', 10, 10, "original") is None
+
+
+def test_noun_phrases_from_the_concept_answer():
+    from rea2seg_ray.discovery.merge import parse_noun_phrases
+
+    answer = '1. the red circle\n2. "bottle opener", a knife; The Red Circle.'
+    assert parse_noun_phrases(answer, 3) == ["the red circle", "bottle opener", "a knife"]
+    assert parse_noun_phrases(answer, 1) == ["the red circle"]
+    assert parse_noun_phrases("", 3) == [] and parse_noun_phrases(" . \n;", 3) == []
+    # A long answer keeps its first words: SAM 3 reads at most 32 text tokens.
+    assert parse_noun_phrases("the small red thing at the far left of the table", 3, max_words=4) == [
+        "the small red thing"
+    ]
