@@ -1,6 +1,6 @@
 """The few types every stage passes: Query (input row), Candidate (a scored mask), Prediction (output row).
 
-``PREDICTIONS_SCHEMA`` is the binding Parquet contract of ARCHITECTURE.md section 4.
+``PREDICTIONS_SCHEMA`` is the binding Parquet contract (docs/contracts.md describes it, with an example).
 """
 
 from __future__ import annotations
