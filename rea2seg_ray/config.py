@@ -97,9 +97,8 @@ class DiscoveryConfig:
 
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
-    sources: list[str] = field(
-        default_factory=lambda: ["attention"]
-    )  # + automatic | text_box | given | concept
+    # Candidate sources: attention (+ automatic | text_box | given | concept).
+    sources: list[str] = field(default_factory=lambda: ["attention"])
     mllm_batch_size: int = 4  # queries per MLLM forward
     sam_batch_size: int = 4  # images per SAM image-encoder forward
     max_candidates: int = 8  # K

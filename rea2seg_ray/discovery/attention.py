@@ -134,10 +134,6 @@ class VLMAdapter:
         return self.family.cell_pixels(self.model.config)
 
 
-def make_adapter(model, processor) -> VLMAdapter:
-    return VLMAdapter(model, processor)
-
-
 def _reduce(x: torch.Tensor, how: str, dim: int) -> torch.Tensor:
     if how == "mean":
         return x.mean(dim=dim)
@@ -152,7 +148,7 @@ class AttentionMapper:
     def __init__(self, model, processor, cfg: AttentionConfig):
         self.model = model
         self.cfg = cfg
-        self.adapter = make_adapter(model, processor)
+        self.adapter = VLMAdapter(model, processor)
         layers = self.adapter.decoder_layers()
         n = len(layers)
         idx = list(range(n)) if not cfg.layers else [i % n for i in cfg.layers]

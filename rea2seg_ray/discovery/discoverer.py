@@ -36,14 +36,18 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def needs_mllm(cfg: DiscoveryConfig) -> bool:
-    """Whether the discovery MLLM is loaded: its attention or its text answers are a candidate source."""
-    return any(s in cfg.sources for s in ("attention", "text_box", "concept"))
-
-
-def needs_sam(cfg: DiscoveryConfig) -> bool:
-    """Whether SAM is loaded: some source prompts it (`given` candidates alone need neither model)."""
-    return any(s in cfg.sources for s in ("attention", "automatic", "text_box"))
+def discovery_models(cfg: DiscoveryConfig, models: ModelsConfig) -> dict[str, str]:
+    """{role: model spec} of the models discovery loads for ``cfg.sources``: the MLLM (``discovery``) when its
+    attention or its text answers are a source, SAM (``sam``) when a source prompts it, SAM 3's detector
+    (``concept``) for concept candidates; `given` candidates alone need none. The Discoverer loads exactly these and
+    the run record lists exactly these."""
+    src = set(cfg.sources)
+    roles = {
+        "discovery": (models.discovery, {"attention", "text_box", "concept"}),
+        "sam": (models.sam, {"attention", "automatic", "text_box"}),
+        "concept": (models.concept, {"concept"}),
+    }
+    return {role: spec for role, (spec, needed_by) in roles.items() if src & needed_by}
 
 
 class DiscoveryError(RuntimeError):
@@ -64,7 +68,8 @@ class Discoverer:
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         cache = models.cache_dir or None
         self.model_name = models.discovery
-        self.needs_mllm = needs_mllm(cfg)
+        specs = discovery_models(cfg, models)
+        self.needs_mllm, self.needs_sam = "discovery" in specs, "sam" in specs
         self.mapper = None
         if self.needs_mllm:
             impl = "eager"
@@ -73,17 +78,16 @@ class Discoverer:
 
                 impl = register_capture_attention()
             vlm, processor = load_vlm(
-                models.discovery, self.device, self.dtype, impl, cache, models.allow_hub
+                specs["discovery"], self.device, self.dtype, impl, cache, models.allow_hub
             )
             self.mapper = AttentionMapper(vlm, processor, cfg.attention)
-        self.needs_sam = needs_sam(cfg)
         self.prompter = None
         if self.needs_sam:
-            self.prompter = load_prompter(models.sam, self.device, self.dtype, cache, models.allow_hub)
+            self.prompter = load_prompter(specs["sam"], self.device, self.dtype, cache, models.allow_hub)
         self.concept = None
-        if "concept" in cfg.sources:
+        if "concept" in specs:
             self.concept = load_concept_segmenter(
-                models.concept, self.device, self.dtype, cfg.concept_threshold, cache, models.allow_hub
+                specs["concept"], self.device, self.dtype, cfg.concept_threshold, cache, models.allow_hub
             )
         self.timings: dict[str, float] = defaultdict(float)
         self.counts: dict[str, int] = defaultdict(int)

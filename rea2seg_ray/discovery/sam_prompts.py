@@ -163,9 +163,8 @@ class SamPrompter(_Prompter):
 class HFImageEmbedding:
     """A transformers mask decoder's embedding of one image: the keyword arguments its forward takes for it."""
 
-    inputs: (
-        dict  # image_embeddings (tensor or per-level list, batch 1) and, for SAM-HQ, intermediate_embeddings
-    )
+    # image_embeddings (a tensor or a per-level list, batch 1) and, for SAM-HQ, intermediate_embeddings
+    inputs: dict
     original_size: tuple[int, int]  # (H, W)
     input_size: tuple[int, int]  # (h, w) the processor resized the image to, before any padding
 
@@ -206,17 +205,15 @@ class HFSamPrompter(_Prompter):
     @torch.no_grad()
     def _decode(self, emb: HFImageEmbedding, points, labels, boxes, multimask: bool):
         (h, w), (ih, iw) = emb.original_size, emb.input_size
-        scale = np.array(
-            [iw / w, ih / h], dtype=np.float32
-        )  # the processor's own resize, applied to the prompts
+        # The processor's own resize, applied to the prompts; the model takes (1, N, P, 2) points, (1, N, P) labels
+        # and (1, N, 4) boxes.
+        scale = np.array([iw / w, ih / h], dtype=np.float32)
         kw = dict(emb.inputs)
         if points is not None:
-            kw["input_points"] = torch.as_tensor(points * scale, device=self.device)[None]  # (1, N, P, 2)
-            kw["input_labels"] = torch.as_tensor(labels, device=self.device)[None]  # (1, N, P)
+            kw["input_points"] = torch.as_tensor(points * scale, device=self.device)[None]
+            kw["input_labels"] = torch.as_tensor(labels, device=self.device)[None]
         if boxes is not None:
-            kw["input_boxes"] = torch.as_tensor(boxes * np.tile(scale, 2), device=self.device)[
-                None
-            ]  # (1, N, 4)
+            kw["input_boxes"] = torch.as_tensor(boxes * np.tile(scale, 2), device=self.device)[None]
         out = self.model(**kw, multimask_output=multimask)
         low, iou = out.pred_masks[0], out.iou_scores[0]  # (N, M, h', w'), (N, M)
         best = iou.argmax(dim=1)  # choose among the multimask outputs before upsampling
@@ -240,7 +237,7 @@ def load_prompter(
     path = resolve_model(spec, cache_dir, allow_hub)
     kind = mask_decoder_kind(path)
     if kind is None:
-        sam = load_sam(spec, device, cache_dir, allow_hub)
+        sam = load_sam(str(path), device)  # already resolved (downloaded, if it had to be) above
         return SamPrompter(sam.to(dtype) if device != "cpu" else sam)
     model, processor = load_hf_mask_decoder(path, kind, device, dtype)
     return HFSamPrompter(model, processor, kind)
@@ -292,18 +289,12 @@ def load_concept_segmenter(
     allow_hub: bool = False,
 ) -> ConceptSegmenter:
     """SAM 3's detector from a ``sam3`` (detector) or ``sam3_video`` (facebook/sam3) folder, with its processor."""
-    import json
-
-    import transformers
-
     from ..models.loading import resolve_model
+    from ..models.mask_decoders import load_hf_concept_model
 
     path = resolve_model(spec, cache_dir, allow_hub)
-    cfg = path / "config.json"
-    model_type = json.loads(cfg.read_text()).get("model_type", "") if cfg.exists() else ""
-    if model_type not in ("sam3", "sam3_video"):
-        raise ValueError(
-            f"models.concept {spec!r} ({path}) is not a SAM 3 checkpoint (model_type {model_type!r})"
-        )
-    model = transformers.Sam3Model.from_pretrained(path, dtype=dtype).to(device).eval()
-    return ConceptSegmenter(model, transformers.Sam3Processor.from_pretrained(path), threshold)
+    try:
+        model, processor = load_hf_concept_model(path, device, dtype)
+    except ValueError as e:
+        raise ValueError(f"models.concept {spec!r}: {e}") from e
+    return ConceptSegmenter(model, processor, threshold)

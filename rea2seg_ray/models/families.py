@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .checkpoints import model_type_of
+
 
 @dataclass(frozen=True)
 class VLMFamily:
@@ -151,8 +153,10 @@ def family_of(model_type: str) -> VLMFamily:
 
 def family_of_dir(model_dir: str | Path) -> VLMFamily:
     """The family of a transformers model folder, from its ``config.json``."""
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    return family_of(cfg.get("model_type", ""))
+    model_type = model_type_of(model_dir)
+    if model_type is None:
+        raise FileNotFoundError(f"{model_dir} has no config.json: not a transformers model folder")
+    return family_of(model_type)
 
 
 def save_vlm(model, out: str | Path) -> None:

@@ -6,11 +6,12 @@ random-init presets built from the real config classes; one loader. Segment-anyt
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .checkpoints import model_type_of
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,9 @@ MASK_DECODERS: tuple[MaskDecoderKind, ...] = (
 
 def mask_decoder_kind(path: Path) -> MaskDecoderKind | None:
     """The transformers mask decoder a folder holds, or None (a segment-anything checkpoint or something else)."""
-    cfg_file = path / "config.json" if path.is_dir() else None
-    if cfg_file is None or not cfg_file.exists():
+    model_type = model_type_of(path)
+    if model_type is None:
         return None
-    model_type = json.loads(cfg_file.read_text()).get("model_type", "")
     for kind in MASK_DECODERS:
         if model_type in kind.model_types:
             return kind
@@ -50,6 +50,22 @@ def mask_decoder_kind(path: Path) -> MaskDecoderKind | None:
     raise ValueError(
         f"{path}: model type {model_type!r} is not a supported mask decoder ({known}, or segment-anything)"
     )
+
+
+# SAM 3's detector (text prompts, discovery source ``concept``): a detector checkpoint or facebook/sam3 (detector and
+# tracker together).
+CONCEPT_MODEL_TYPES = ("sam3", "sam3_video")
+
+
+def load_hf_concept_model(path: Path, device: str, dtype: torch.dtype):
+    """(SAM 3 detector in eval mode on ``device``, its processor) of a ``CONCEPT_MODEL_TYPES`` folder."""
+    import transformers
+
+    model_type = model_type_of(path)
+    if model_type not in CONCEPT_MODEL_TYPES:
+        raise ValueError(f"{path} is not a SAM 3 checkpoint (model_type {model_type!r})")
+    model = transformers.Sam3Model.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model, transformers.Sam3Processor.from_pretrained(path)
 
 
 def load_hf_mask_decoder(path: Path, kind: MaskDecoderKind, device: str, dtype: torch.dtype):

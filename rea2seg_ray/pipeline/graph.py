@@ -214,15 +214,15 @@ def record_run(cfg: SegmentConfig, run_id: str, started: datetime) -> str:
     on a node of the pool that loads the model (custom resources honoured), where its weights are cached anyway."""
     import ray
 
-    from ..discovery.discoverer import needs_mllm, needs_sam
+    from ..discovery.discoverer import discovery_models
 
     roles: dict[str, tuple[str, PoolConfig]] = {"scorer": (cfg.models.scorer, cfg.score_pool)}
-    if needs_mllm(cfg.discovery):
-        roles["discovery"] = (cfg.models.discovery, cfg.discover_pool)
-    if needs_sam(cfg.discovery):
-        roles["sam"] = (cfg.models.sam, cfg.discover_pool)
-    if "concept" in cfg.discovery.sources:
-        roles["concept"] = (cfg.models.concept, cfg.discover_pool)
+    roles.update(
+        {
+            role: (spec, cfg.discover_pool)
+            for role, spec in discovery_models(cfg.discovery, cfg.models).items()
+        }
+    )
     digest = ray.remote(num_cpus=0, max_retries=3)(provenance.model_digests)
     env = {"env_vars": worker_env()}
     refs = {
