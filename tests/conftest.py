@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-# A real ReasonSeg annotation (format sample) kept in the repository: a user's clone has no ../shared.
+# A real ReasonSeg annotation (format sample) kept in the repository, so the tests need nothing outside it.
 REASONSEG_SAMPLES = REPO / "tests" / "assets" / "reasonseg-samples"
 
 # Ray reads these when it is first imported: set them before any test module can import ray. Without
@@ -194,3 +194,14 @@ def scoring_data(ray_driver, tmp_path_factory):
         f"ray.address={ray_driver['address']}"])  # fmt: skip
     counts = build_scoring_data(cfg)
     return root, manifest, counts
+
+
+def run_cli(command: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``rea2seg <command> args...`` as a user runs it (a new process, this environment), output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "rea2seg_ray.cli", command, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ),
+    )

@@ -5,9 +5,6 @@ newer family runs `rea2seg segment` as discovery model and vLLM scorer."""
 import copy
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +22,8 @@ from rea2seg_ray.models.loading import load_vlm, resolve_model
 from rea2seg_ray.models.tiny import TINY_VLM_PRESETS
 from rea2seg_ray.records import Candidate
 from rea2seg_ray.scoring.scorer import Scorer
+
+from ..conftest import run_cli
 
 DISCOVERY_PRESETS = [n for n in TINY_VLM_PRESETS if not n.endswith("-scorer")]
 
@@ -108,35 +107,13 @@ def test_segment_cli_with_a_family_and_a_mask_decoder(ray_driver, scenes_dir, tm
     ]
     (tmp_path / "two.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rea2seg_ray.cli",
-            "segment",
-            f"input={tmp_path / 'two.jsonl'}",
-            f"output={out}",
-            f"models.discovery={preset}",
-            f"models.scorer={preset}",
-            f"models.sam={sam}",
-            *(
-                [
-                    "discovery.sources=[attention,concept]",
-                    "discovery.concept_threshold=0.0",
-                    "discovery.max_candidates=32",
-                ]
-                if concept
-                else []
-            ),
-            f"ray.address={ray_driver['address']}",
-            "ray.progress_bars=false",
-            "evaluate=false",
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ),
-    )
+    concept_args = ["discovery.sources=[attention,concept]", "discovery.concept_threshold=0.0",
+                    "discovery.max_candidates=32"]  # fmt: skip
+    r = run_cli(
+        "segment", f"input={tmp_path / 'two.jsonl'}", f"output={out}", f"models.discovery={preset}",
+        f"models.scorer={preset}", f"models.sam={sam}", *(concept_args if concept else []),
+        f"ray.address={ray_driver['address']}", "ray.progress_bars=false", "evaluate=false",
+    )  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     got = pads.dataset(str(out / "predictions"), format="parquet").to_table().to_pylist()
     assert sorted(g["query_id"] for g in got) == sorted(r["query_id"] for r in rows)
@@ -187,28 +164,11 @@ def test_scorer_family_serves_trains_exports_and_reloads_in_vllm(ray_driver, sco
     assert max(abs(a - b) for a, b in zip(base, scores("hf", preset), strict=True)) < 1e-3
 
     out = tmp_path / "run"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rea2seg_ray.cli",
-            "finetune",
-            f"data={root / 'data'}",
-            f"output={out}",
-            f"models.scorer={preset}",
-            "train.max_steps=3",
-            "train.num_workers=1",
-            "train.batch_size=4",
-            "train.lr=5e-3",
-            "train.checkpoint_every=3",
-            "ray.progress_bars=false",
-            f"ray.address={ray_driver['address']}",
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=dict(os.environ),
-    )
+    r = run_cli(
+        "finetune", f"data={root / 'data'}", f"output={out}", f"models.scorer={preset}", "train.max_steps=3",
+        "train.num_workers=1", "train.batch_size=4", "train.lr=5e-3", "train.checkpoint_every=3",
+        "ray.progress_bars=false", f"ray.address={ray_driver['address']}", timeout=900,
+    )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "trained to step 3" in r.stdout
     tuned = scores("vllm", str(out / "export"))

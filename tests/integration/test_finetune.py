@@ -3,10 +3,7 @@ checkpoints in an S3 bucket on 127.0.0.1, resume from the last step, export that
 
 import copy
 import json
-import os
 import re
-import subprocess
-import sys
 
 import boto3
 import numpy as np
@@ -22,6 +19,8 @@ from rea2seg_ray.records import Candidate
 from rea2seg_ray.scoring.scorer import Scorer, model_input_size_fn
 from rea2seg_ray.train.data import build_scoring_data
 from rea2seg_ray.train.loop import ImageCache, answer_token_ids, collate, load_scorer_for_training
+
+from ..conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -85,13 +84,7 @@ def test_finetune_checkpoints_to_s3_resumes_and_exports_for_vllm(ray_driver, sco
         f"ray.address={ray_driver['address']}",
     ]
     # Through the console script, with the overrides the issue names.
-    r = subprocess.run(
-        [sys.executable, "-m", "rea2seg_ray.cli", "finetune", *common, "train.max_steps=8"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=dict(os.environ),
-    )
+    r = run_cli("finetune", *common, "train.max_steps=8", timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "trained to step 8" in r.stdout and f"models.scorer={out}/export" in r.stdout
     keys = [
@@ -143,12 +136,11 @@ def test_reasoning_scorer_trains_and_serves_in_the_same_format(ray_driver, scori
     that mode, writes the kind of reasoning it was trained on and stops where the final question begins."""
     root, manifest, _ = scoring_data
     out = tmp_path / "reasoning-run"
-    r = subprocess.run(
-        [sys.executable, "-m", "rea2seg_ray.cli", "finetune", f"data={root / 'data'}", f"output={out}",
-         "scoring.reasoning=true", "scoring.show_original=false", "train.num_workers=2", "train.cpus_per_worker=0.5",
-         "train.batch_size=4", "train.max_steps=60", "train.lr=5e-3", "train.warmup_steps=5",
-         "train.checkpoint_every=60", "ray.progress_bars=false", f"ray.address={ray_driver['address']}"],
-        capture_output=True, text=True, timeout=900, env=dict(os.environ),
+    r = run_cli(
+        "finetune", f"data={root / 'data'}", f"output={out}", "scoring.reasoning=true", "scoring.show_original=false",
+        "train.num_workers=2", "train.cpus_per_worker=0.5", "train.batch_size=4", "train.max_steps=60",
+        "train.lr=5e-3", "train.warmup_steps=5", "train.checkpoint_every=60", "ray.progress_bars=false",
+        f"ray.address={ray_driver['address']}", timeout=900,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     serve = f"models.scorer={out / 'export'} scoring.show_original=false scoring.reasoning=true"

@@ -25,7 +25,7 @@ from rea2seg_ray.config import SegmentConfig, load_config
 from rea2seg_ray.datasets.synthetic import write_scenes
 from rea2seg_ray.pipeline.graph import run_segment
 
-from ..conftest import REPO, upload_tree
+from ..conftest import REPO, run_cli, upload_tree
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "rea2seg_ray.cli", "segment"]
@@ -59,19 +59,10 @@ def check_masks(rows: list[dict]) -> None:
 def test_s3_in_s3_out_through_the_cli(ray_driver, scenes_dir, s3_bucket, s3_server):
     upload_tree(scenes_dir, s3_bucket, "data/scenes")
     b = f"s3://{s3_bucket}"
-    r = subprocess.run(
-        [
-            *CLI,
-            f"input={b}/data/scenes/scenes.jsonl",
-            f"output={b}/runs/r1",
-            f"ray.address={ray_driver['address']}",
-            "ray.progress_bars=false",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ),
-    )
+    r = run_cli(
+        "segment", f"input={b}/data/scenes/scenes.jsonl", f"output={b}/runs/r1",
+        f"ray.address={ray_driver['address']}", "ray.progress_bars=false",
+    )  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "12 written: 12 ok, 0 error" in r.stdout
     fs = pafs.S3FileSystem(
