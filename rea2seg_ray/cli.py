@@ -8,6 +8,7 @@ rea2seg evaluate predictions=URI dataset=URI output=DIR
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -22,6 +23,25 @@ from .config import (
     load_config,
     to_yaml,
 )
+
+log = logging.getLogger("rea2seg.cli")
+
+
+def setup_logging(verbosity: int) -> None:
+    """The ``rea2seg`` loggers to stderr in a readable format: INFO by default (the plan, files written, what was
+    moved aside), DEBUG with ``-v``, WARNING with ``-q``. The command's report (run summary, tables) goes to stdout.
+    Other libraries' loggers (Ray, vLLM, transformers) keep their own settings."""
+    level = {-1: logging.WARNING, 0: logging.INFO}.get(max(-1, min(verbosity, 1)), logging.DEBUG)
+    logger = logging.getLogger("rea2seg")
+    logger.setLevel(level)
+    if not any(getattr(h, "_rea2seg", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter("[rea2seg %(asctime)s] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        )
+        handler._rea2seg = True
+        logger.addHandler(handler)
+    logger.propagate = False
 
 
 def cmd_build_tiny_models(cfg: BuildTinyModelsConfig) -> int:
@@ -54,38 +74,69 @@ def cmd_make_scenes(cfg: MakeScenesConfig) -> int:
 
 
 def cmd_evaluate(cfg: EvaluateConfig) -> int:
-    from .eval.report import evaluate_predictions, read_predictions, render_markdown, write_report
+    from .eval.plots import PLOTS
+    from .eval.report import (
+        evaluate_predictions,
+        read_predictions,
+        render_markdown,
+        write_gallery,
+        write_report,
+    )
 
+    read_args = dict(fmt=cfg.format, texts=cfg.texts, split=cfg.split, images=cfg.images)
     preds = read_predictions(cfg.predictions)
-    metrics, scores = evaluate_predictions(preds, cfg.dataset, fmt=cfg.format, texts=cfg.texts, k=cfg.k)
+    metrics, scores = evaluate_predictions(preds, cfg.dataset, k=cfg.k, **read_args)
+    del preds
     paths = write_report(metrics, scores, cfg.output, k=cfg.k, title=cfg.title)
+    gallery = write_gallery(
+        cfg.gallery, cfg.predictions, cfg.output, scores, cfg.dataset, [f"../plots/{n}" for n in PLOTS],
+        cfg.title, **read_args,
+    )  # fmt: skip
     print(render_markdown(metrics, k=cfg.k, title=cfg.title))
     print(f"metrics: {paths['metrics.json']}\nreport:  {paths['report.md']}")
+    if gallery:
+        print(f"gallery: {gallery}")
     return 0
 
 
 def cmd_segment(cfg: SegmentConfig) -> int:
     from . import storage
     from .datasets import DatasetError
-    from .eval.report import evaluate_predictions, read_predictions, render_markdown, write_report
+    from .eval.plots import PLOTS
+    from .eval.report import (
+        evaluate_predictions,
+        read_predictions,
+        render_markdown,
+        write_gallery,
+        write_report,
+    )
     from .pipeline.graph import predictions_uri, run_segment
 
     summary = run_segment(cfg)
-    if cfg.evaluate and not cfg.dry_run:
+    for line in summary.lines():
+        print(f"[rea2seg] {line}")
+    if cfg.dry_run:
+        return 0
+    pred_uri = predictions_uri(cfg)
+    read_args = dict(fmt=cfg.format, texts=cfg.texts, split=cfg.split, images=cfg.images)
+    scores, plots = None, None
+    if cfg.evaluate:
         try:
             metrics, scores = evaluate_predictions(
-                read_predictions(predictions_uri(cfg)),
-                summary.input,
-                fmt=cfg.format,
-                texts=cfg.texts,
-                limit=cfg.limit,
+                read_predictions(pred_uri), summary.input, limit=cfg.limit, **read_args
             )
         except DatasetError as e:
-            print(f"[rea2seg] evaluation skipped: {e}")
-            return 0
-        paths = write_report(metrics, scores, storage.join(cfg.output, "eval"))
-        print(render_markdown(metrics))
-        print(f"[rea2seg] metrics: {paths['metrics.json']}")
+            log.info("no evaluation: %s", e)
+        else:
+            paths = write_report(metrics, scores, storage.join(cfg.output, "eval"))
+            plots = [f"../eval/plots/{n}" for n in PLOTS]
+            print(render_markdown(metrics))
+            print(f"[rea2seg] metrics: {paths['metrics.json']}")
+    gallery = write_gallery(
+        cfg.gallery, pred_uri, cfg.output, scores, summary.input if scores else "", plots, **read_args
+    )
+    if gallery:
+        print(f"[rea2seg] gallery: {gallery}")
     return 0
 
 
@@ -145,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", "-c", help="YAML config file (path, or a name under configs/)")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        p.add_argument("-v", "--verbose", action="count", default=0, help="more log detail (debug)")
+        p.add_argument("-q", "--quiet", action="count", default=0, help="warnings and errors only")
         p.add_argument(
             "overrides", nargs="*", metavar="key=value", help="config overrides (OmegaConf dotlist)"
         )
@@ -154,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     fn, _ = COMMANDS[args.command]
+    setup_logging(args.verbose - args.quiet)
     from .datasets import DatasetError
     from .models.loading import ModelNotFound
     from .pipeline.lease import LeaseHeld

@@ -43,18 +43,6 @@ class ModelsConfig:
 
 
 @dataclass
-class DataConfig:
-    """Where queries come from."""
-
-    input: str = (
-        ""  # manifest (.jsonl/.json/.parquet), ReasonSeg folder; local or s3://. Empty: bundled scenes.
-    )
-    format: str = "auto"  # auto | jsonl | parquet | reasonseg
-    texts: str = "first"  # ReasonSeg `text` lists: "first" query per image, or "all" (one query per text)
-    limit: int = 0  # 0: all
-
-
-@dataclass
 class AttentionConfig:
     """Which attention becomes the heat map (question tokens -> image tokens)."""
 
@@ -241,6 +229,26 @@ class RayConfig:
 
 
 @dataclass
+class GalleryConfig:
+    """The overlay gallery (``gallery/index.html``: top-1 mask, ground-truth outline and IoU, candidates, errors)."""
+
+    enabled: bool = True
+    # At most this many queries, stratified by (category, status) when the run has more; the same run always gives
+    # the same sample (by hashed query id and ``seed``).
+    max_queries: int = 200
+    candidates: int = 5  # candidate thumbnails per query (the highest ranked)
+    image_side: int = 640  # longer side of each query's picture, in pixels
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_queries < 1 or self.candidates < 0 or self.image_side < 32:
+            raise ValueError(
+                "gallery.max_queries must be >= 1, gallery.candidates >= 0 and gallery.image_side >= 32; got "
+                f"{self.max_queries}, {self.candidates}, {self.image_side}"
+            )
+
+
+@dataclass
 class SegmentConfig:
     """The main job: read -> decode -> discover -> score -> write Parquet, resumable."""
 
@@ -251,8 +259,12 @@ class SegmentConfig:
     # Read and validate the input, resolve resume, print the numbers (queries, distinct images, already done,
     # invalid rows with the first messages); run no model, write nothing.
     dry_run: bool = False
-    format: str = "auto"
+    format: str = "auto"  # auto | jsonl | parquet | manifest | reasonseg | refcoco
     texts: str = "first"
+    # format=refcoco: which split to read (train, val, test, testA, testB, testC; empty: all) and the folder of the
+    # COCO images the refs name (empty: images/ beside the refs file). Checked when the input is resolved.
+    split: str = ""
+    images: str = ""
     limit: int = 0  # at most this many queries (0: all); with several shards, which ones is not fixed
     run_id: str = ""  # empty: a timestamp
     resume: bool = True  # skip query ids already in the output
@@ -264,6 +276,7 @@ class SegmentConfig:
     # live run holds it; a lease whose holder died (its pid gone on the same host, or expired) is taken over.
     lease_ttl_s: float = 60.0
     evaluate: bool = True  # when the input has ground truth, score the output and print the table
+    gallery: GalleryConfig = field(default_factory=GalleryConfig)  # <output>/gallery/index.html after a run
     models: ModelsConfig = field(default_factory=ModelsConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
@@ -282,6 +295,10 @@ class MakeScoringDataConfig:
     output: str = MISSING  # Parquet folder (local or s3://)
     format: str = "auto"
     texts: str = "all"  # every phrasing of a ReasonSeg question is its own example source
+    # format=refcoco: which split to read (train, val, test, testA, testB, testC; empty: all) and the folder of the
+    # COCO images the refs name (empty: images/ beside the refs file). Checked when the input is resolved.
+    split: str = ""
+    images: str = ""
     limit: int = 0
     pos_iou: float = 0.7  # IoU >= pos_iou: "Yes"
     neg_iou: float = 0.3  # IoU <= neg_iou: "No"; in between: dropped as ambiguous
@@ -368,10 +385,15 @@ class EvaluateConfig:
     predictions: str = MISSING  # Parquet file or folder (local or s3://)
     dataset: str = MISSING  # ReasonSeg folder or manifest with ground truth
     output: str = MISSING  # folder for metrics.json and report.md
-    format: str = "auto"
+    format: str = "auto"  # auto | jsonl | parquet | manifest | reasonseg | refcoco
     texts: str = "first"
+    # format=refcoco: which split to read (train, val, test, testA, testB, testC; empty: all) and the folder of the
+    # COCO images the refs name (empty: images/ beside the refs file). Checked when the input is resolved.
+    split: str = ""
+    images: str = ""
     k: int = 3
     title: str = "Rea2Seg"
+    gallery: GalleryConfig = field(default_factory=GalleryConfig)  # <output>/gallery/index.html
 
 
 COMMAND_CONFIGS: dict[str, type] = {

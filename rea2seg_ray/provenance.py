@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import logging
 import os
 import platform
 import socket
@@ -20,9 +19,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from . import get_logger
 from .config import default_cache_dir, to_yaml
 
-log = logging.getLogger("rea2seg.provenance")
+log = get_logger(__name__)
 
 RUN_RECORD_VERSION = 1
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".gguf")

@@ -12,6 +12,7 @@ from ..masks import decode_rle
 from ..records import Query
 from .manifest import iter_manifest
 from .reasonseg import DatasetError, gt_mask_from_annotation, iter_reasonseg, load_annotation
+from .refcoco import iter_refcoco
 from .shards import InputSpec, resolve_input
 
 SAMPLE_SCENES = Path(__file__).resolve().parent.parent / "sample_data" / "scenes"
@@ -35,14 +36,22 @@ def detect_format(uri: str) -> str:
 
 
 def read_queries(
-    uri: str, format: str = "auto", texts: str = "first", limit: int = 0, strict: bool = True
+    uri: str,
+    format: str = "auto",
+    texts: str = "first",
+    limit: int = 0,
+    strict: bool = True,
+    split: str = "",
+    images: str = "",
 ) -> Iterator[Query]:
     """All queries of a dataset, on this process (for evaluation and small inputs; the segmentation job reads on the
-    cluster instead). ``format``: auto | jsonl | parquet | manifest | reasonseg. Shards are read in path order; a
-    query id repeated across them is an error like one repeated within a file."""
-    spec = resolve_input(uri, format)
+    cluster instead). ``format``: auto | jsonl | parquet | manifest | reasonseg | refcoco (``split``, ``images``).
+    Shards are read in path order; a query id repeated across them is an error like one repeated within a file."""
+    spec = resolve_input(uri, format, split, images)
     if spec.kind == "reasonseg":
         it = iter_reasonseg(uri, texts=texts, strict=strict)
+    elif spec.kind == "refcoco":
+        it = iter_refcoco(spec.files[0], split=spec.split, images=spec.images, strict=strict)
     else:
         seen: set[str] = set()
         it = (q for f in spec.files for q in iter_manifest(f, strict=strict, seen=seen))

@@ -1,5 +1,5 @@
-"""What an ``input=`` names: a manifest file, a folder or prefix of shards, a glob (JSONL and Parquet, mixed), or a
-ReasonSeg folder; local or ``s3://``. Only file paths are listed here (never rows), so the driver stays small.
+"""What an ``input=`` names: a manifest file, a folder or prefix of shards, a glob (JSONL and Parquet, mixed), a
+ReasonSeg folder, or (``format=refcoco``) a RefCOCO refs file; local or ``s3://``. Only file paths are listed here (never rows), so the driver stays small.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import pyarrow.fs as pafs
 
 from .. import storage
 from .reasonseg import DatasetError
+from .refcoco import check_split, images_folder, resolve_refs
 
 MANIFEST_EXTS = (".jsonl", ".ndjson", ".json", ".parquet")
 SHARD_EXTS = (".jsonl", ".ndjson", ".parquet")  # a folder holding any of these is a folder of manifest shards
@@ -22,9 +23,11 @@ class InputSpec:
     """The resolved input: its kind, its files (URIs, sorted) and their total size in bytes."""
 
     uri: str
-    kind: str  # manifest | reasonseg
+    kind: str  # manifest | reasonseg | refcoco
     files: list[str]
     total_bytes: int
+    split: str = ""  # refcoco: the split read ('' = all)
+    images: str = ""  # refcoco: the folder of the COCO images
 
 
 def scheme_of(uri: str) -> str:
@@ -46,10 +49,18 @@ def listing(uri: str) -> list[pafs.FileInfo]:
     return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
 
 
-def resolve_input(uri: str, fmt: str = "auto") -> InputSpec:
-    """Which files ``uri`` means and how to read them. Raises DatasetError when it names nothing readable."""
-    if fmt not in ("auto", "jsonl", "json", "parquet", "manifest", "reasonseg"):
-        raise DatasetError(f"unknown dataset format {fmt!r} (auto, jsonl, parquet, manifest, reasonseg)")
+FORMATS = ("auto", "jsonl", "json", "parquet", "manifest", "reasonseg", "refcoco")
+
+
+def resolve_input(uri: str, fmt: str = "auto", split: str = "", images: str = "") -> InputSpec:
+    """Which files ``uri`` means and how to read them. Raises DatasetError when it names nothing readable.
+    ``split`` and ``images`` apply to ``format=refcoco`` only (see ``datasets/refcoco.py``)."""
+    if fmt not in FORMATS:
+        raise DatasetError(f"unknown dataset format {fmt!r} ({', '.join(FORMATS)})")
+    if fmt == "refcoco":
+        refs = resolve_refs(uri)
+        size = listing(refs)[0].size or 0
+        return InputSpec(uri, "refcoco", [refs], size, check_split(split), images_folder(refs, images))
     prefix = scheme_of(uri)
     if any(ch in uri for ch in "*?["):
         # A glob: list from its longest literal folder, keep what matches the whole pattern.

@@ -24,6 +24,9 @@ class QueryScore:
     category: str
     ok: bool
     iu: dict[str, tuple[int, int]] = field(default_factory=dict)  # level -> (I, U)
+    score: float | None = None  # the top-1 candidate's scorer score (None for a failed query)
+    candidate_ious: list[float] = field(default_factory=list)  # each kept candidate's IoU, by rank
+    candidate_scores: list[float] = field(default_factory=list)  # and its score, same order
 
     def iou(self, level: str) -> float:
         return iou_from_iu(*self.iu[level])
@@ -54,6 +57,8 @@ def score_query(
         m = decode_rle(c.mask)
         _check_size(m, gt, query_id)
         cand_iu.append(intersection_union(m, gt))
+    cand_ious = [iou_from_iu(*t) for t in cand_iu]
+    cand_scores = [float(c.score) for c in ranked]
     if not cand_iu:
         cand_iu = [iu1]
 
@@ -61,8 +66,10 @@ def score_query(
         return max(ius, key=lambda t: iou_from_iu(*t))
 
     return QueryScore(
-        query_id, category, True, {"top1": iu1, f"top{k}": best(cand_iu[:k]), "oracle": best(cand_iu)}
-    )
+        query_id, category, True, {"top1": iu1, f"top{k}": best(cand_iu[:k]), "oracle": best(cand_iu)},
+        score=None if pred.score is None else float(pred.score), candidate_ious=cand_ious,
+        candidate_scores=cand_scores,
+    )  # fmt: skip
 
 
 def _summary(scores: list[QueryScore], level: str) -> dict[str, float]:

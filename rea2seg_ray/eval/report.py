@@ -42,10 +42,14 @@ def evaluate_predictions(
     texts: str = "first",
     k: int = 3,
     limit: int = 0,
+    split: str = "",
+    images: str = "",
 ) -> tuple[dict, list[QueryScore]]:
     """Score every ground-truth query of ``dataset``; a query with no (or a failed) prediction scores 0."""
     scores: list[QueryScore] = []
-    for q in read_queries(dataset, format=fmt, texts=texts, limit=limit, strict=True):
+    for q in read_queries(
+        dataset, format=fmt, texts=texts, limit=limit, strict=True, split=split, images=images
+    ):
         gt = load_ground_truth(q)
         if gt is None:
             raise DatasetError(f"query {q.query_id} in {dataset} has no ground truth (gt_json or gt_mask)")
@@ -103,10 +107,15 @@ def render_markdown(metrics: dict, k: int = 3, title: str = "Rea2Seg") -> str:
 def write_report(
     metrics: dict, scores: list[QueryScore], output: str, k: int = 3, title: str = "Rea2Seg"
 ) -> dict[str, str]:
-    """Write metrics.json, report.md and per_query.jsonl under ``output`` (local or s3://). Returns their URIs."""
+    """Write metrics.json, report.md (with the plots), per_query.jsonl and plots/*.png under ``output`` (local or
+    s3://). Returns their URIs (the plots under ``plots/<name>``)."""
+    from .plots import markdown_section, write_plots
+
     paths = {name: storage.join(output, name) for name in ("metrics.json", "report.md", "per_query.jsonl")}
+    plots = write_plots(metrics, scores, output, k=k)
     storage.write_bytes(paths["metrics.json"], (json.dumps(metrics, indent=2) + "\n").encode())
-    storage.write_bytes(paths["report.md"], render_markdown(metrics, k=k, title=title).encode())
+    report = render_markdown(metrics, k=k, title=title) + "\n" + markdown_section(plots)
+    storage.write_bytes(paths["report.md"], report.encode())
     lines = [
         json.dumps(
             {
@@ -119,4 +128,35 @@ def write_report(
         for s in scores
     ]
     storage.write_bytes(paths["per_query.jsonl"], ("\n".join(lines) + "\n").encode())
+    paths.update({f"plots/{name}": uri for name, uri in plots.items()})
     return paths
+
+
+def write_gallery(
+    gallery,
+    predictions: str,
+    output: str,
+    scores: list[QueryScore] | None = None,
+    dataset: str = "",
+    plots: list[str] | None = None,
+    title: str = "Rea2Seg",
+    **read_args,
+) -> str | None:
+    """``<output>/gallery/index.html`` for ``GalleryConfig`` ``gallery`` (None when disabled). With ``scores`` and
+    ``dataset`` (read with ``read_args``: fmt, texts, split, images) the page shows IoU and ground-truth outlines."""
+    from .gallery import build_gallery
+
+    if not gallery.enabled:
+        return None
+
+    def ground_truth(ids: set[str]) -> dict:
+        fmt = read_args.get("fmt", "auto")
+        args = {k: v for k, v in read_args.items() if k != "fmt"}
+        return {q.query_id: load_ground_truth(q) for q in read_queries(dataset, format=fmt, **args)
+                if q.query_id in ids}  # fmt: skip
+
+    return build_gallery(
+        predictions, output, max_queries=gallery.max_queries, thumbs=gallery.candidates,
+        image_side=gallery.image_side, seed=gallery.seed, scores={s.query_id: s for s in scores or []} or None,
+        ground_truth=ground_truth if dataset else None, plots=plots, title=title,
+    )  # fmt: skip

@@ -10,7 +10,6 @@ on the same output refuses, and a rerun or resumed run adds exactly the missing 
 from __future__ import annotations
 
 import json
-import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from .. import provenance, storage
+from .. import get_logger, provenance, storage
 from ..config import PoolConfig, SegmentConfig
 from ..datasets import SAMPLE_SCENES, InputSpec, resolve_input
 from ..records import PREDICTIONS_SCHEMA
@@ -28,7 +27,7 @@ from ..runtime.stages import discovered_dataset
 from . import lease as leases
 from .stages import ScoreStage, summarize
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 MAX_MESSAGES = 5  # invalid-row messages a plan keeps to show
 
 
@@ -74,13 +73,19 @@ class RunSummary:
     images: int = 0
     error_stages: dict = field(default_factory=dict)
     seconds: float = 0.0
+    plan: list[str] = field(default_factory=list)  # the plan's lines (what the run counted before it began)
+    dry_run: bool = False
 
     @property
     def queries_per_s(self) -> float:
         return self.written / self.seconds if self.seconds else 0.0
 
     def lines(self) -> list[str]:
+        """The command's report: the plan, then (unless a dry run) what was written."""
+        if self.dry_run:
+            return ["dry run: no model runs, nothing is written", *self.plan]
         return [
+            *self.plan,
             f"run {self.run_id}: {self.rows_in} queries in, {self.skipped} skipped (already in the output), "
             f"{self.written} written: {self.ok} ok, {self.error} error"
             + (
@@ -146,33 +151,32 @@ def _move_torn(paths: list[str]) -> None:
         fs, path = storage.filesystem(f)
         fs.move(path, path + ".torn")
         log.warning("moved unreadable output file aside: %s.torn (its rows will be redone)", f)
-        print(f"[rea2seg] moved unreadable output file aside: {f}.torn (its rows will be redone)")
 
 
 def run_segment(cfg: SegmentConfig) -> RunSummary:
-    """Run the job to completion (or only its plan, with ``dry_run``) and return its summary (also printed)."""
+    """Run the job to completion (or only its plan, with ``dry_run``) and return its summary (``lines()`` is the
+    report the CLI prints; the plan is logged as soon as it is counted, before any model starts)."""
     t0 = time.perf_counter()
     source = cfg.input or str(SAMPLE_SCENES / "manifest.jsonl")
     started = datetime.now(timezone.utc)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     run_id = cfg.run_id or f"{stamp}-{uuid.uuid4().hex[:6]}"
     out_uri = predictions_uri(cfg)
-    spec = resolve_input(source, cfg.format)
+    spec = resolve_input(source, cfg.format, cfg.split, cfg.images)
     init_ray(cfg.ray)
     if cfg.dry_run:
         p = plan(cfg, spec, out_uri)
-        for line in ["dry run: no model runs, nothing is written", *p.lines(out_uri)]:
-            print(f"[rea2seg] {line}")
+        lines = p.lines(out_uri)
         holder = leases.live_holder(storage.join(cfg.output, leases.LEASE_FILE))
         if holder:
-            print(f"[rea2seg] note: {cfg.output} is being written now by {leases.describe(holder)}")
+            lines.append(f"note: {cfg.output} is being written now by {leases.describe(holder)}")
         return RunSummary(run_id, source, out_uri, p.queries, p.done, 0, 0, 0, images=p.images,
-                          seconds=time.perf_counter() - t0)  # fmt: skip
+                          seconds=time.perf_counter() - t0, plan=lines, dry_run=True)  # fmt: skip
     lease = leases.acquire(cfg.output, run_id, cfg.lease_ttl_s)
     try:
         p = plan(cfg, spec, out_uri)
         for line in p.lines(out_uri):
-            print(f"[rea2seg] {line}")
+            log.info("%s", line)
         _move_torn(p.torn)
         if p.to_write:
             import ray
@@ -196,15 +200,15 @@ def run_segment(cfg: SegmentConfig) -> RunSummary:
     summary = RunSummary(
         run_id=run_id, input=source, predictions=out_uri, rows_in=p.queries, skipped=p.done,
         written=counts["ok"] + counts["error"], ok=counts["ok"], error=counts["error"], images=p.images,
-        error_stages=counts["error_stages"], seconds=time.perf_counter() - t0,
+        error_stages=counts["error_stages"], seconds=time.perf_counter() - t0, plan=p.lines(out_uri),
     )  # fmt: skip
     if summary.written != p.to_write:
         raise RuntimeError(
             f"output check failed: {p.to_write} queries to write but {summary.written} rows written by run {run_id} "
             f"in {out_uri}"
         )
-    for line in summary.lines():
-        print(f"[rea2seg] {line}")
+    log.info("run %s: %d written (%d ok, %d error) in %.1f s", run_id, summary.written, summary.ok, summary.error,
+             summary.seconds)  # fmt: skip
     return summary
 
 

@@ -10,16 +10,15 @@ taken over at once (a re-submitted or resumed run does not wait out the ttl).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import threading
 import time
 from dataclasses import dataclass
 
-from .. import storage
+from .. import get_logger, storage
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 LEASE_FILE = (
     "_lease.json"  # Ray Data's readers skip names starting with "_": the lease is never read as output
 )

@@ -12,14 +12,15 @@ own; a query with ``max_attempts`` deaths of its own is not run again. A watchdo
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import threading
 from collections.abc import Callable
 
 import ray
 
-log = logging.getLogger(__name__)
+from .. import get_logger
+
+log = get_logger(__name__)
 
 
 class Isolated(RuntimeError):

@@ -15,7 +15,6 @@ folder; local or ``s3://``. The driver lists file paths only; Ray Data read task
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections.abc import Iterator
 from pathlib import PurePosixPath
 
@@ -26,13 +25,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data.datasource.file_based_datasource import FileBasedDatasource
 
-from .. import storage
+from .. import get_logger, storage
 from ..datasets.manifest import manifest_rows, row_to_query
 from ..datasets.reasonseg import IMAGE_EXTS, DatasetError, annotation_queries, parse_annotation
+from ..datasets.refcoco import iter_refcoco
 from ..datasets.shards import InputSpec, listing, scheme_of
 from ..records import QUERY_FIELDS, QUERY_TYPE
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # The id a repeated query id's later rows are written under: the original id, this mark, where the row sits.
 DUPLICATE_MARK = "#duplicate@"
@@ -182,6 +182,29 @@ class ReasonSegDatasource(_RandomAccess):
         yield query_table([q.to_struct(uri, i + 1) for i, q in enumerate(queries)])
 
 
+class RefCOCODatasource(_RandomAccess):
+    """A RefCOCO refs file (JSON or Parquet; instances.json beside it, or ``raw_*`` columns) -> QUERY_ROW_SCHEMA
+    blocks, one query per referring sentence; a bad ref becomes an error row."""
+
+    def __init__(self, paths: list[str], scheme: str, split: str = "", images: str = "", **kwargs):
+        super().__init__(paths, scheme, **kwargs)
+        self.split, self.images = split, images
+
+    def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+        uri = self.scheme + path
+        chunk: list[dict] = []
+        try:
+            for n, q in enumerate(iter_refcoco(uri, self.split, self.images, strict=False, read=f.read)):
+                chunk.append(q.to_struct(uri, n + 1))
+                if len(chunk) >= CHUNK_ROWS:
+                    yield query_table(chunk)
+                    chunk = []
+        except DatasetError as e:
+            chunk.append(error_struct(f"{uri}#file", "", str(e), uri, len(chunk) + 1))
+        if chunk:
+            yield query_table(chunk)
+
+
 class DoneIdsDatasource(_RandomAccess):
     """The ``query_id`` column of predictions files (Parquet column projection: the footer and that column's
     pages, nothing else) -> resume markers. A torn file (a run killed while writing) yields one marker naming it."""
@@ -218,6 +241,8 @@ def query_dataset(spec: InputSpec, texts: str = "first", limit: int = 0):
     scheme = scheme_of(spec.files[0])
     if spec.kind == "reasonseg":
         source = ReasonSegDatasource(paths, scheme, texts=texts, filesystem=fs)
+    elif spec.kind == "refcoco":
+        source = RefCOCODatasource(paths, scheme, spec.split, spec.images, filesystem=fs)
     else:
         source = ManifestDatasource(paths, scheme, filesystem=fs)
     ds = ray.data.read_datasource(source, override_num_blocks=min(len(paths), 1024))

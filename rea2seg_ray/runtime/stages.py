@@ -5,12 +5,12 @@ fetch + decode each image once (CPU tasks), and the Discoverer actor. A failure 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
 
+from .. import get_logger
 from ..config import DiscoveryConfig, LimitsConfig, ModelsConfig
 from ..images import DecodeError, decode, fetch
 from ..masks import resize_rle
@@ -18,7 +18,7 @@ from ..records import Candidate, Query
 from .guard import Guard, Isolated
 from .inputs import IMAGE_ROW_SCHEMA
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def decode_images(batch: pa.Table, max_side: int = 0, max_pixels: int = 0) -> pa.Table:

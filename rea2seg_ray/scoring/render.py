@@ -46,7 +46,7 @@ def fit_mask(rle: dict, shape: tuple[int, int]) -> np.ndarray:
     return m
 
 
-def _outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
+def outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
     k = np.ones((2 * width + 1, 2 * width + 1), np.uint8)
     m = mask.astype(np.uint8)
     return (cv2.dilate(m, k) > 0) & ~(cv2.erode(m, np.ones((3, 3), np.uint8)) > 0)
@@ -59,12 +59,12 @@ def overlay(
     if style == "dim":
         out = (dimmed if dimmed is not None else (base * 0.45).astype(np.uint8)).copy()
         out[mask] = base[mask]
-        out[_outline(mask)] = 255
+        out[outline(mask)] = 255
     elif style == "tint":
         colour = np.array(PALETTE[0], np.float32)
         out = base.copy()
         out[mask] = (0.55 * base[mask] + 0.45 * colour).astype(np.uint8)
-        out[_outline(mask)] = PALETTE[0]
+        out[outline(mask)] = PALETTE[0]
     else:
         raise ValueError(f"scoring.overlay_style must be dim or tint, not {style!r}")
     return out
@@ -84,7 +84,7 @@ def crop(base: np.ndarray, mask: np.ndarray, margin: float = 0.15) -> np.ndarray
     if y1 - y0 < 28:
         y0, y1 = max(0, min(y0, h - 28)), min(h, max(y1, y0 + 28))
     out = base[y0:y1, x0:x1].copy()
-    out[_outline(mask[y0:y1, x0:x1])] = 255
+    out[outline(mask[y0:y1, x0:x1])] = 255
     return out
 
 
@@ -103,7 +103,7 @@ def marks(base: np.ndarray, masks: list[np.ndarray]) -> np.ndarray:
     scale = max(0.35, min(base.shape[:2]) / 400)
     for i, m in enumerate(masks):
         colour = PALETTE[i % len(PALETTE)]
-        out[_outline(m)] = colour
+        out[outline(m)] = colour
     for i, m in enumerate(masks):
         colour = PALETTE[i % len(PALETTE)]
         x, y = _label_point(m)

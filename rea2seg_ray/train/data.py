@@ -158,7 +158,7 @@ def build_scoring_data(cfg) -> dict:
     existing = storage.list_files(cfg.output, recursive=True) if storage.exists(cfg.output) else []
     if any(f.endswith(".parquet") for f in existing):
         raise FileExistsError(f"{cfg.output} already holds Parquet files: choose a new output folder")
-    spec = resolve_input(cfg.input, cfg.format)
+    spec = resolve_input(cfg.input, cfg.format, cfg.split, cfg.images)
     init_ray(cfg.ray)
     images = image_dataset(cfg, spec, None, rows_per_block=cfg.discover_pool.batch_size)
     ds = discovered_dataset(
