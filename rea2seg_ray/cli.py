@@ -3,6 +3,7 @@
 rea2seg build-tiny-models [output=DIR]
 rea2seg make-scenes output=DIR [n=32 seed=0]
 rea2seg evaluate predictions=URI dataset=URI output=DIR
+rea2seg export-coco predictions=URI output=FILE.json [dataset=URI] [--all-candidates]
 """
 
 from __future__ import annotations
@@ -34,13 +35,15 @@ def setup_logging(verbosity: int) -> None:
     level = {-1: logging.WARNING, 0: logging.INFO}.get(max(-1, min(verbosity, 1)), logging.DEBUG)
     logger = logging.getLogger("rea2seg")
     logger.setLevel(level)
-    if not any(getattr(h, "_rea2seg", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    handler = next((h for h in logger.handlers if getattr(h, "_rea2seg", False)), None)
+    if handler is None:
+        handler = logging.StreamHandler()
         handler.setFormatter(
             logging.Formatter("[rea2seg %(asctime)s] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
         )
         handler._rea2seg = True
         logger.addHandler(handler)
+    handler.stream = sys.stderr  # the current one (main() may run again in a process; the old may be closed)
     logger.propagate = False
 
 
@@ -140,6 +143,21 @@ def cmd_segment(cfg: SegmentConfig) -> int:
     return 0
 
 
+def cmd_export_coco(cfg) -> int:
+    from .eval.coco import dataset_ids, export_coco
+
+    ids = None
+    if cfg.dataset:
+        ids = dataset_ids(cfg.dataset, fmt=cfg.format, texts=cfg.texts, split=cfg.split, images=cfg.images)
+    c = export_coco(cfg.predictions, cfg.output, all_candidates=cfg.all_candidates, ids=ids)
+    print(
+        f"[rea2seg] COCO results: {cfg.output}: {c['results']} results from {c['queries']} queries "
+        f"({c['errors']} error rows left out)"
+        + (f"; {c['stable_ids']} with stable ids (mapping: {cfg.output}.ids.json)" if c["stable_ids"] else "")
+    )
+    return 0
+
+
 def cmd_make_scoring_data(cfg) -> int:
     from .train.data import build_scoring_data
 
@@ -185,7 +203,11 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
         cmd_make_scenes,
         "write synthetic scenes with exact ground truth (ReasonSeg folder + manifest)",
     ),
-    "evaluate": (cmd_evaluate, "gIoU/cIoU at top-1/top-k/oracle, per category -> metrics.json, report.md"),
+    "evaluate": (
+        cmd_evaluate,
+        "gIoU/cIoU at top-1/top-k/oracle, per category -> metrics.json, report.md, plots, gallery",
+    ),
+    "export-coco": (cmd_export_coco, "predictions -> a COCO results file (pycocotools COCO.loadRes)"),
 }
 
 
@@ -198,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         p.add_argument("-v", "--verbose", action="count", default=0, help="more log detail (debug)")
         p.add_argument("-q", "--quiet", action="count", default=0, help="warnings and errors only")
+        if name == "export-coco":
+            p.add_argument(
+                "--all-candidates", action="store_true", help="every kept candidate, not only top-1"
+            )
         p.add_argument(
             "overrides", nargs="*", metavar="key=value", help="config overrides (OmegaConf dotlist)"
         )
@@ -213,7 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     from .pipeline.lease import LeaseHeld
 
     try:
-        cfg = load_config(COMMAND_CONFIGS[args.command], args.config, args.overrides)
+        overrides = [
+            *args.overrides,
+            *(["all_candidates=true"] if getattr(args, "all_candidates", False) else []),
+        ]
+        cfg = load_config(COMMAND_CONFIGS[args.command], args.config, overrides)
         if args.print_config:
             print(to_yaml(cfg))
             return 0

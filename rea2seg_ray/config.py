@@ -396,6 +396,23 @@ class EvaluateConfig:
     gallery: GalleryConfig = field(default_factory=GalleryConfig)  # <output>/gallery/index.html
 
 
+@dataclass
+class ExportCocoConfig:
+    """Predictions -> a COCO results file (``COCO.loadRes``): one result per query (its top-1 mask), or one per kept
+    candidate with ``all_candidates``."""
+
+    predictions: str = MISSING  # Parquet file or folder (local or s3://)
+    output: str = MISSING  # the results .json to write (local or s3://)
+    # The input the predictions came from: its rows' image_id / category_id become the results' ids. Empty, or rows
+    # without them: stable ids from the image URI and category, listed in <output>.ids.json.
+    dataset: str = ""
+    format: str = "auto"  # of ``dataset``, as for segment
+    texts: str = "first"
+    split: str = ""
+    images: str = ""
+    all_candidates: bool = False  # every kept candidate with its score and rank (also: --all-candidates)
+
+
 COMMAND_CONFIGS: dict[str, type] = {
     "segment": SegmentConfig,
     "make-scoring-data": MakeScoringDataConfig,
@@ -403,6 +420,7 @@ COMMAND_CONFIGS: dict[str, type] = {
     "build-tiny-models": BuildTinyModelsConfig,
     "make-scenes": MakeScenesConfig,
     "evaluate": EvaluateConfig,
+    "export-coco": ExportCocoConfig,
 }
 
 

@@ -74,7 +74,8 @@ def with_retries(fn: Callable[[], T], what: str, retries: int = RETRIES) -> T:
 
 def _transient(e: OSError) -> bool:
     text = str(e).lower()
-    if "not found" in text or "nosuchkey" in text or "nosuchbucket" in text or "access denied" in text:
+    permanent = ("not found", "nosuchkey", "nosuchbucket", "access denied", "is a directory", "not a file")
+    if any(p in text for p in permanent):
         return False
     return True
 

@@ -135,6 +135,9 @@ def render_item(
         "iou": None if score is None else round(score.iou("top1"), 6), "image": None, "candidates": [],
         "size": [p.width, p.height],
     }  # fmt: skip
+    if not p.image_uri:
+        item["image_error"] = "the row names no image"
+        return item
     try:
         raw = fetch(p.image_uri)
         image, _ = decode(raw, p.image_uri, max_side=image_side)

@@ -175,3 +175,27 @@ def test_two_runs_started_at_once_on_one_output_never_write_a_query_twice(ray_dr
     ids = rows.column("query_id").to_pylist()
     assert len(ids) == 10 == len(set(ids))
     assert not (tmp_path / "out" / "_lease.json").exists()  # released when the winner ended
+
+
+def test_refcoco_refs_on_s3_read_on_the_cluster_bad_ref_as_error_row(ray_driver, tmp_path, s3_bucket):
+    """format=refcoco read by the job's own readers (Ray Data on the cluster) from s3://: one query row per sentence of
+    the chosen split with the instance mask; a ref naming no annotation is an error row, not a crash."""
+    from rea2seg_ray.datasets import resolve_input
+    from rea2seg_ray.runtime.inputs import query_dataset
+
+    from ..unit.test_coco_refcoco import refcoco_folder
+
+    folder, _, refs = refcoco_folder(tmp_path)
+    bad = dict(refs[1], ref_id=77, ann_id=5, sentences=[{"sent_id": 9, "sent": "nothing"}])
+    (folder / "refs(unc).json").write_text(json.dumps([*refs, bad]))
+    upload_tree(folder, s3_bucket, "refcoco")
+    spec = resolve_input(f"s3://{s3_bucket}/refcoco", "refcoco", split="val")
+    rows = sorted(query_dataset(spec).take_all(), key=lambda r: r["query_id"])
+    assert [r["query_id"] for r in rows] == ["ref1:2", "ref1:3", "ref1:4", "ref77"]
+    assert all(r["gt_mask"]["size"] == [120, 160] and r["category"] == "val" for r in rows[:3])
+    assert rows[0]["image"] == f"s3://{s3_bucket}/refcoco/images/COCO_train2014_000000000009.jpg"
+    assert rows[3]["error_stage"] == "read" and "ann_id 5 is not in instances.json" in rows[3]["error"]
+    dry = _cli(ray_driver, f"input=s3://{s3_bucket}/refcoco", "format=refcoco", "split=val", "dry_run=true",
+               f"output={tmp_path / 'out'}")  # fmt: skip
+    assert "1 file(s), 4 queries, 1 distinct images to process" in dry.stdout, dry.stderr[-2000:]
+    assert "1 invalid rows" in dry.stdout

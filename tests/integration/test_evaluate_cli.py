@@ -16,6 +16,7 @@ from rea2seg_ray.masks import encode_rle, mask_bbox
 from rea2seg_ray.records import Candidate, Prediction, predictions_table
 
 from ..conftest import REASONSEG_SAMPLES, upload_tree
+from ..gallery_check import check_gallery
 
 RUN = [sys.executable, "-m", "rea2seg_ray.cli"]
 
@@ -94,6 +95,13 @@ def test_scenes_per_category_and_failed_rows_count_zero(tmp_path, scenes_dir):
     assert "discriminative gIoU" in report and "3 failed or missing" in report
     per_query = [json.loads(line) for line in (tmp_path / "ev" / "per_query.jsonl").read_text().splitlines()]
     assert sum(not r["ok"] for r in per_query) == 3
+    assert "![gIoU by category" in report and (tmp_path / "ev" / "plots" / "iou_histogram.png").exists()
+    data = check_gallery(tmp_path / "ev" / "gallery" / "index.html", tmp_path / "ev" / "per_query.jsonl")
+    errors = [i for i in data["items"] if i["status"] == "error"]
+    assert sorted(i["id"] for i in errors) == sorted(failed)
+    assert all(
+        i["error"] == "synthetic failure" and i["error_stage"] == "discover" and i["image"] for i in errors
+    )
 
 
 def test_missing_predictions_count_as_failures(tmp_path, scenes_dir):

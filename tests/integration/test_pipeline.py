@@ -26,6 +26,7 @@ from rea2seg_ray.datasets.synthetic import write_scenes
 from rea2seg_ray.pipeline.graph import run_segment
 
 from ..conftest import REPO, run_cli, upload_tree
+from ..gallery_check import check_gallery, chromium, screenshot
 
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "rea2seg_ray.cli", "segment"]
@@ -311,3 +312,16 @@ def test_make_demo_command_runs_on_its_embedded_default(model_cache, tmp_path):
         "spatial",
         "multi-step",
     }
+    # The gallery, as a browser loads it: every query once, its pictures and the plots decode, IoU as evaluated.
+    out = tmp_path / "outputs" / "segment"
+    index = out / "gallery" / "index.html"
+    assert f"[rea2seg] gallery: {index.relative_to(tmp_path)}" in r.stdout
+    data = check_gallery(index, out / "eval" / "per_query.jsonl")
+    assert len(data["items"]) == 16 and all(i["image"] and i["candidates"] for i in data["items"])
+    assert (out / "eval" / "plots" / "score_vs_iou.png").exists()
+    assert "](plots/giou_by_category.png)" in (out / "eval" / "report.md").read_text()
+    if chromium():
+        shot = screenshot(index, tmp_path / "shot.png")
+        # not blank: the page's cards and pictures paint many colours over much of the viewport
+        assert shot.std() > 20 and len(np.unique(shot.reshape(-1, 3), axis=0)) > 500
+        assert (shot[300:].reshape(-1, 3).std(axis=1) > 0).mean() > 0.02  # coloured pixels below the header
