@@ -28,6 +28,8 @@ tiny-models: setup
 # The main job on its embedded default: local Ray, the bundled sample scenes, tiny models, output under outputs/.
 demo: tiny-models
 	$(REA2SEG) segment
+	@echo "demo: the tiny models are random-init, so these numbers say nothing of quality; see the run in" \
+	  "outputs/segment/gallery/index.html, and 'make proving-ground' for a scorer that learns."
 
 # Train a tiny scorer from scratch (<= 15 min on 2 CPU cores), serve it in the segmentation job, compare with the
 # untrained scorer on held-out scenes: outputs/proving-ground/summary.md (README "Proving ground").
