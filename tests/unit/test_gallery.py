@@ -68,3 +68,30 @@ def test_refcoco_evaluates_per_split_with_ciou(tmp_path):
     assert 0.5 < m["top1"]["ciou"] < 1.0
     data = check_gallery(tmp_path / "ev" / "gallery" / "index.html", tmp_path / "ev" / "per_query.jsonl")
     assert {i["category"] for i in data["items"]} == {"train", "val", "testA"}
+
+
+def test_gallery_draws_the_top1_on_a_real_photo(tmp_path):
+    """The vendored ReasonSeg photo: decoded once, shown at gallery.image_side with everything but the top-1 mask
+    dimmed (as the scorer sees a candidate), and a thumbnail per candidate."""
+    from PIL import Image
+
+    from ..conftest import REASONSEG_SAMPLES
+
+    photo = REASONSEG_SAMPLES / "4971309080_370ab0baf3_o.jpg"
+    m = np.zeros((533, 685), bool)
+    m[100:300, 200:500] = True
+    rle = encode_rle(m)
+    cands = [Candidate(mask=rle, bbox=mask_bbox(m), area=int(m.sum()), rank=r, score=0.9 - r / 10, source="x")
+             for r in range(3)]  # fmt: skip
+    p = Prediction(query_id="deer", image_uri=str(photo), question="the antlers?", height=533, width=685, mask=rle,
+                   score=0.9, candidates=cands)  # fmt: skip
+    pq.write_table(predictions_table([p]), tmp_path / "p.parquet")
+    build_gallery(str(tmp_path / "p.parquet"), str(tmp_path / "out"), image_side=320, thumbs=2)
+    item = page_data(tmp_path / "out" / "gallery" / "index.html")["items"][0]
+    assert [c["rank"] for c in item["candidates"]] == [0, 1]
+    shown = np.asarray(Image.open(tmp_path / "out" / "gallery" / item["image"]), np.float32)
+    assert shown.shape == (249, 320, 3)  # 533x685 with its longer side at 320
+    photo_small = np.asarray(Image.open(photo).convert("RGB").resize((320, 249)), np.float32)
+    inside, outside = shown[80:120, 120:200], shown[5:30, 5:60]
+    assert abs(inside.mean() - photo_small[80:120, 120:200].mean()) < 12  # the mask keeps its pixels
+    assert outside.mean() < 0.6 * photo_small[5:30, 5:60].mean() + 5  # the rest is dimmed to 45 %
