@@ -169,10 +169,22 @@ class ScoringConfig:
     image_max_side: int = 0
     crop_margin: float = 0.15
     top_k: int = 0  # candidates kept per query after rerank (0: all)
+    # Which candidates are the answer (predictions' `selected` ranks; `mask` is their union): top1 (the best one);
+    # threshold (every candidate scoring >= select_threshold, at least the best); count (the scorer first says how
+    # many objects the question asks for, at most select_max, then that many of the best are taken).
+    select: str = "top1"
+    select_threshold: float = 0.5
+    select_max: int = 8
     yes_token: str = "Yes"
     no_token: str = "No"
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     hf: HFScoringConfig = field(default_factory=HFScoringConfig)
+
+    def __post_init__(self) -> None:
+        if self.select not in ("top1", "threshold", "count"):
+            raise ValueError(f"scoring.select must be top1, threshold or count, not {self.select!r}")
+        if self.select_max < 1:
+            raise ValueError(f"scoring.select_max must be >= 1, not {self.select_max}")
 
 
 @dataclass

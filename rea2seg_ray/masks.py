@@ -37,6 +37,17 @@ def decode_rle(rle: RLE) -> np.ndarray:
     return mask_utils.decode(_coco(rle)).astype(bool)
 
 
+def union_rle(rles: Sequence[RLE]) -> RLE:
+    """The union of masks of one size, computed on the RLEs (pycocotools merge, no decode)."""
+    if len(rles) == 1:
+        return rles[0]
+    merged = mask_utils.merge([_coco(r) for r in rles], intersect=0)
+    return {
+        "size": [int(merged["size"][0]), int(merged["size"][1])],
+        "counts": merged["counts"].decode("ascii"),
+    }
+
+
 def rle_area(rle: RLE) -> int:
     return int(mask_utils.area(_coco(rle)))
 

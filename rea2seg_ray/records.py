@@ -41,6 +41,8 @@ PREDICTIONS_SCHEMA = pa.schema(
         ("scorer_model", pa.string()),
         ("discovery_model", pa.string()),
         ("run_id", pa.string()),
+        # The ranks chosen as the answer (scoring.select), best first; `mask` is their union. [0] with top1.
+        ("selected", pa.list_(pa.int32())),
     ]
 )
 
@@ -65,7 +67,9 @@ QUERY_FIELDS = [
     ("error", pa.string()),
     ("error_stage", pa.string()),
 ]
-QUERY_TYPE = pa.struct([*QUERY_FIELDS, ("found", pa.list_(CANDIDATE_TYPE))])
+QUERY_TYPE = pa.struct(
+    [*QUERY_FIELDS, ("found", pa.list_(CANDIDATE_TYPE)), ("selected", pa.list_(pa.int32()))]
+)  # found: the candidates (ranked once scored); selected: the ranks chosen as the answer
 
 
 def make_query_id(image: str, question: str) -> str:
@@ -86,6 +90,8 @@ class Query:
     gt_mask: dict | None = None  # RLE {"size", "counts"}
     candidates: list[dict] | None = None  # optional given candidate masks (RLE dicts) for the `given` source
     meta: dict[str, Any] = field(default_factory=dict)
+    # Ground truth as separate instances (RLEs), for instance precision / recall; their union is the target mask.
+    gt_instances: list[dict] | None = None
 
     def text(self) -> str:
         """The text the models read: the question, or the whole dialogue rendered turn by turn."""
@@ -109,6 +115,7 @@ class Query:
             "reasoning": str(m.get("reasoning") or m.get("cot") or "") or None,
             "source": source, "row": row, "error": m.get("error"),
             "error_stage": (m.get("error_stage") or "read") if m.get("error") else None, "found": None,
+            "selected": None,
         }  # fmt: skip
 
     @classmethod
@@ -193,6 +200,7 @@ class Prediction:
     scorer_model: str = ""
     discovery_model: str = ""
     run_id: str = ""
+    selected: list[int] = field(default_factory=list)  # chosen ranks; [] for an error row
 
     @classmethod
     def failed(cls, query: Query, stage: str, error: str, **kw: Any) -> Prediction:
@@ -224,6 +232,7 @@ class Prediction:
             "scorer_model": self.scorer_model,
             "discovery_model": self.discovery_model,
             "run_id": self.run_id,
+            "selected": [int(r) for r in self.selected],
         }
 
     @classmethod
@@ -245,6 +254,10 @@ class Prediction:
             scorer_model=row.get("scorer_model") or "",
             discovery_model=row.get("discovery_model") or "",
             run_id=row.get("run_id") or "",
+            # files written before the column existed chose the top candidate
+            selected=list(row["selected"])
+            if row.get("selected") is not None
+            else ([0] if row.get("mask") else []),
         )
 
 

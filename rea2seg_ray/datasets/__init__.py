@@ -84,11 +84,23 @@ def image_size(uri: str) -> tuple[int, int]:
 
 
 def load_ground_truth(q: Query) -> np.ndarray | None:
-    """(H, W) uint8 ground truth {0, 1, 255} for a query, or None when it has none."""
+    """(H, W) uint8 ground truth {0, 1, 255} for a query, or None when it has none. With only ``gt_instances``,
+    their union."""
     if q.gt_mask:
         return decode_rle(q.gt_mask).astype(np.uint8)
+    if q.gt_instances:
+        return np.logical_or.reduce([decode_rle(r) for r in q.gt_instances]).astype(np.uint8)
     if q.gt_json:
         anno = load_annotation(q.gt_json)
         h, w = image_size(q.image)
         return gt_mask_from_annotation(anno, h, w)
     return None
+
+
+def ground_truth_instances(q: Query, gt: np.ndarray) -> list[np.ndarray]:
+    """The target's instances as (H, W) bool masks: the manifest's ``gt_instances``, else the whole target as one
+    instance (none when the target is empty)."""
+    if q.gt_instances:
+        return [decode_rle(r) for r in q.gt_instances]
+    target = gt == 1
+    return [target] if target.any() else []

@@ -16,7 +16,8 @@ from .. import storage
 from ..records import Query, make_query_id
 from .reasonseg import DatasetError
 
-KNOWN = {"query_id", "image", "question", "conversation", "category", "gt_json", "gt_mask", "candidates"}
+KNOWN = {"query_id", "image", "question", "conversation", "category", "gt_json", "gt_mask", "gt_instances",
+         "candidates"}  # fmt: skip
 
 
 def _lines(read: Callable[[int], bytes], chunk: int = 8 << 20) -> Iterator[tuple[int, bytes]]:
@@ -117,6 +118,13 @@ def row_to_query(row: dict, base: str, where: str) -> Query:
     gt_mask = row.get("gt_mask")
     if gt_mask is not None and not _is_rle(gt_mask):
         raise DatasetError(f"{where}: 'gt_mask' must be a COCO RLE {{size: [h, w], counts: str}}")
+    instances = row.get("gt_instances")
+    if instances is not None and (not isinstance(instances, list) or not instances
+                                  or not all(_is_rle(c) for c in instances)):  # fmt: skip
+        raise DatasetError(
+            f"{where}: 'gt_instances' must be a non-empty list of COCO RLEs {{size: [h, w], counts: str}}, one per "
+            "target instance"
+        )
     cands = row.get("candidates")
     if cands is not None and (not isinstance(cands, list) or not all(_is_rle(c) for c in cands)):
         raise DatasetError(f"{where}: 'candidates' must be a list of COCO RLEs {{size: [h, w], counts: str}}")
@@ -128,6 +136,7 @@ def row_to_query(row: dict, base: str, where: str) -> Query:
         category=str(row.get("category") or ""),
         gt_json=storage.resolve_relative(gt_json, base) if gt_json else None,
         gt_mask=row.get("gt_mask"),
+        gt_instances=instances,
         candidates=row.get("candidates"),
         meta={k: v for k, v in row.items() if k not in KNOWN},
     )

@@ -3,7 +3,9 @@
 Each scene holds 3-6 shapes (circle, square, triangle, ellipse, star, hexagon, diamond, bar) in named colours and
 sizes; some overlap (occluded), some are thin bars, some are low-contrast grey. One target is chosen and asked
 for by a templated question in one of four categories: discriminative (colour + shape), geometric (size and form
-extremes), spatial (position and relations) and multi-step (two facts combined).
+extremes), spatial (position and relations) and multi-step (two facts combined). A fifth kind, multi-target
+("Segment all the red shapes."), asks for the two or three objects of one colour; its manifest rows add
+``gt_instances`` (one RLE per object) and its ground truth is their union.
 
 Output is a ReasonSeg folder (``<id>.jpg`` + ``<id>.json`` in LISA's format, the target's visible region as
 polygons) plus a manifest (``<name>.jsonl``) whose rows also carry ``gt_mask`` (RLE) and ``candidates`` (every
@@ -27,6 +29,9 @@ from PIL import Image
 from ..masks import _draw_polygon, encode_rle, shapes_to_mask
 
 CATEGORIES = ("discriminative", "geometric", "spatial", "multi-step")
+# Questions whose answer is several objects ("all the red shapes"); asked for by name (make-scenes categories=...).
+MULTI_TARGET = "multi-target"
+ALL_CATEGORIES = (*CATEGORIES, MULTI_TARGET)
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
     "green": (40, 165, 60),
@@ -102,7 +107,9 @@ def _polygon(
     return np.stack([cx + d[:, 0] * c - d[:, 1] * s, cy + d[:, 0] * s + d[:, 1] * c], axis=1)
 
 
-def _sample_objects(rng: np.random.Generator, width: int, height: int) -> list[SceneObject] | None:
+def _sample_objects(
+    rng: np.random.Generator, width: int, height: int, palette: list[str] | None = None
+) -> list[SceneObject] | None:
     n = int(rng.integers(3, 7))
     base = min(width, height)
     objs: list[SceneObject] = []
@@ -115,7 +122,7 @@ def _sample_objects(rng: np.random.Generator, width: int, height: int) -> list[S
                 tuple(int(v) for v in BACKGROUND + rng.choice([-1, 1]) * rng.uniform(28, 40)),
             )
         else:
-            colour = str(rng.choice(list(COLOURS)))
+            colour = str(rng.choice(palette or list(COLOURS)))
             rgb = COLOURS[colour]
         r = base * rng.uniform(0.07, 0.2)
         margin = r + 2
@@ -157,7 +164,7 @@ def _extreme(values: list[float], largest: bool, margin: float) -> int | None:
 
 def _question(
     category: str, objs: list[SceneObject], rng: np.random.Generator, width: int
-) -> tuple[int, str] | None:
+) -> tuple[int | list[int], str] | None:
     uniq_cs = _unique(objs, lambda o: (o.colour, o.shape))
     areas = [float(o.area) for o in objs]
     cents = [o.centroid() for o in objs]
@@ -227,7 +234,19 @@ def _question(
             if len(objs) > 2 and dists[order[1]] - dists[order[0]] > 0.08 * width:
                 return int(order[0]), f"First find the {ro.name()}; then segment the object closest to it."
         return None
-    raise ValueError(f"unknown category {category!r} (choose from {', '.join(CATEGORIES)})")
+    if category == MULTI_TARGET:
+        # "all the red shapes": a colour that two or three objects share (never the low-contrast grey)
+        by_colour: dict[str, list[int]] = {}
+        for i, o in enumerate(objs):
+            if o.colour != LOW_CONTRAST:
+                by_colour.setdefault(o.colour, []).append(i)
+        shared = sorted(c for c, idx in by_colour.items() if 2 <= len(idx) <= 3)
+        if not shared:
+            return None
+        colour = str(rng.choice(shared))
+        tmpl = rng.choice(["Segment all the {c} shapes.", "Find every {c} object.", "Which objects are {c}?"])
+        return by_colour[colour], str(tmpl).format(c=colour)
+    raise ValueError(f"unknown category {category!r} (choose from {', '.join(ALL_CATEGORIES)})")
 
 
 def _render(objs: list[SceneObject], width: int, height: int, rng: np.random.Generator) -> np.ndarray:
@@ -255,18 +274,24 @@ def _target_shapes(target: SceneObject) -> list[dict]:
 
 def make_scene(index: int, category: str, seed: int = 0, width: int = 320, height: int = 240) -> dict:
     """One scene: {image (H, W, 3) uint8, annotation (LISA dict), objects, target, gt (H, W) uint8}. Deterministic."""
-    rng = np.random.default_rng([seed, index, CATEGORIES.index(category) if category in CATEGORIES else 99])
-    for _ in range(200):
-        objs = _sample_objects(rng, width, height)
+    rng = np.random.default_rng(
+        [seed, index, ALL_CATEGORIES.index(category) if category in ALL_CATEGORIES else 99]
+    )
+    for _ in range(400):
+        # multi-target scenes draw from fewer colours, so that two or three objects share one
+        palette = list(rng.choice(list(COLOURS), 3, replace=False)) if category == MULTI_TARGET else None
+        objs = _sample_objects(rng, width, height, palette)
         if objs is None:
             continue
         q = _question(category, objs, rng, width)
         if q is None:
             continue
         t, question = q
-        shapes = _target_shapes(objs[t])
+        targets = t if isinstance(t, list) else [t]
+        shapes = [s for i in targets for s in _target_shapes(objs[i])]
         gt = shapes_to_mask(shapes, height, width)
-        if not shapes or not np.array_equal(gt == 1, objs[t].visible):
+        union = np.logical_or.reduce([objs[i].visible for i in targets])
+        if not shapes or not np.array_equal(gt == 1, union):
             continue  # LISA's rasteriser would not give back this region exactly: resample
         image = _render(objs, width, height, rng)
         anno = {
@@ -275,10 +300,19 @@ def make_scene(index: int, category: str, seed: int = 0, width: int = 320, heigh
             "category": category,
             "shapes": shapes,
             "objects": [{"shape": o.shape, "colour": o.colour, "area": o.area} for o in objs],
-            "target_index": t,
+            "target_index": targets[0],
         }
-        return {"image": image, "annotation": anno, "objects": objs, "target": t, "gt": gt}
+        if len(targets) > 1:
+            anno["target_indices"] = targets  # multi-target: every object the question asks for
+        return {"image": image, "annotation": anno, "objects": objs, "target": targets[0], "targets": targets,
+                "gt": gt}  # fmt: skip
     raise RuntimeError(f"could not make a valid {category} scene for index {index} (seed {seed})")
+
+
+def _names(objs: list[SceneObject]) -> str:
+    """'red star' / 'red star and red circle' / 'red star, red circle and red bar'."""
+    names = [o.name() for o in objs]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def write_scenes(
@@ -310,9 +344,11 @@ def write_scenes(
                 "gt_mask": encode_rle(scene["gt"] == 1),
                 "candidates": [encode_rle(o.visible) for o in scene["objects"]],
                 "candidate_descriptions": [o.name() for o in scene["objects"]],
-                "reasoning": REASONING.format(target=scene["objects"][scene["target"]].name()),
+                "reasoning": REASONING.format(target=_names([scene["objects"][i] for i in scene["targets"]])),
             }
         )
+        if len(scene["targets"]) > 1:
+            rows[-1]["gt_instances"] = [encode_rle(scene["objects"][i].visible) for i in scene["targets"]]
     manifest = out / f"{name}.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return manifest

@@ -1,8 +1,8 @@
 """The overlay gallery: ``<dir>/gallery/index.html``, a static page that opens from disk (no server, no network).
 
-Per query: the image with the top-1 mask drawn as the scorer sees a candidate (``scoring.render.overlay``, the
-``dim`` style) and, when the input has ground truth, its outline in green and the top-1 IoU; the top-k candidates as
-thumbnails with rank, score and source; an error row's message and stage. The page filters by category and status
+Per query: the image with the answer (the top-1 mask, or the union of the selected candidates) drawn as the scorer
+sees a candidate (``scoring.render.overlay``, the ``dim`` style) and, when the input has ground truth, its outline in green and the top-1 IoU; the top-k candidates as
+thumbnails with rank, score and source (the selected ones outlined in blue); an error row's message and stage. The page filters by category and status
 and sorts by IoU (worst first) or score. Images are JPEG files under ``gallery/img/``.
 
 Large runs are sampled (``gallery.max_queries``), stratified by (category, status): each stratum gets its share of
@@ -133,7 +133,7 @@ def render_item(
         "id": p.query_id, "question": p.question, "category": p.category or "", "status": p.status,
         "error": p.error, "error_stage": p.error_stage, "score": None if p.score is None else round(float(p.score), 6),
         "iou": None if score is None else round(score.iou("top1"), 6), "image": None, "candidates": [],
-        "size": [p.width, p.height],
+        "size": [p.width, p.height], "selected": list(p.selected),
     }  # fmt: skip
     if not p.image_uri:
         item["image_error"] = "the row names no image"
@@ -221,7 +221,7 @@ header h1{font-size:18px;margin:0 0 4px}header label{margin-right:14px}
 .card.error{border-color:#e6194b}.card img.main{width:100%;display:block}
 .q{font-weight:600;margin:6px 0 2px}.meta{color:#555;font-size:12px}.err{color:#b00;font-size:12px}
 .thumbs{display:flex;flex-wrap:wrap;gap:4px;margin-top:6px}.thumbs figure{margin:0;font-size:11px;color:#444}
-.thumbs img{height:72px;display:block}
+.thumbs img{height:72px;display:block}.thumbs figure.sel img{outline:3px solid #0082c8}
 """
 
 PAGE_JS = """
@@ -249,7 +249,7 @@ function show() {
     if (i.error) card.appendChild(el('div', {class: 'err'}, `${i.error_stage}: ${i.error}`));
     if (i.image_error) card.appendChild(el('div', {class: 'err'}, `image: ${i.image_error}`));
     const th = el('div', {class: 'thumbs'});
-    for (const c of i.candidates) { const f = el('figure'); f.appendChild(el('img', {src: c.thumb, alt: `rank ${c.rank}`, loading: 'lazy'}));
+    for (const c of i.candidates) { const f = el('figure', {class: (i.selected || []).includes(c.rank) ? 'sel' : ''}); f.appendChild(el('img', {src: c.thumb, alt: `rank ${c.rank}`, loading: 'lazy'}));
       f.appendChild(el('figcaption', {}, `#${c.rank + 1} ${fmt(c.score)} ${c.source}` + (c.iou !== undefined ? ` IoU ${fmt(c.iou)}` : ''))); th.appendChild(f); }
     card.appendChild(th); grid.appendChild(card);
   }

@@ -10,7 +10,7 @@ import json
 import pyarrow.parquet as pq
 
 from .. import storage
-from ..datasets import DatasetError, load_ground_truth, read_queries
+from ..datasets import DatasetError, ground_truth_instances, load_ground_truth, read_queries
 from ..records import Prediction
 from .metrics import QueryScore, aggregate, score_query
 
@@ -53,7 +53,8 @@ def evaluate_predictions(
         gt = load_ground_truth(q)
         if gt is None:
             raise DatasetError(f"query {q.query_id} in {dataset} has no ground truth (gt_json or gt_mask)")
-        scores.append(score_query(predictions.get(q.query_id), gt, q.category, q.query_id, k=k))
+        scores.append(score_query(predictions.get(q.query_id), gt, q.category, q.query_id, k=k,
+                                  instances=ground_truth_instances(q, gt)))  # fmt: skip
     if not scores:
         raise DatasetError(f"{dataset}: no queries")
     return aggregate(scores, k=k), scores
@@ -96,6 +97,13 @@ def render_markdown(metrics: dict, k: int = 3, title: str = "Rea2Seg") -> str:
             head,
             sep,
             *rows,
+            "",
+            f"Instances (selected candidates matching a ground-truth instance at IoU >= 0.5): precision "
+            f"{_pct(metrics['instances']['precision'])}, recall {_pct(metrics['instances']['recall'])} "
+            f"({metrics['instances']['matched']} of {metrics['instances']['selected']} selected, "
+            f"{metrics['instances']['instances']} instances). Pixels (cumulative): precision "
+            f"{_pct(metrics['pixels']['precision'])}, recall {_pct(metrics['pixels']['recall'])}, F1 "
+            f"{_pct(metrics['pixels']['f1'])}.",
             "",
             "gIoU: mean per-query IoU; cIoU: cumulative intersection over cumulative union (LISA semantics, ignore "
             "pixels excluded). Values in percent.",

@@ -9,6 +9,7 @@ from collections import Counter
 import pyarrow as pa
 
 from ..config import LimitsConfig, ModelsConfig, ScoringConfig
+from ..masks import union_rle
 from ..records import Prediction, Query, predictions_table
 from ..runtime.guard import Guard
 from ..runtime.stages import found_candidates, guarded_map, pixels, runnable, set_error
@@ -45,14 +46,19 @@ class ScoreStage:
                 msg = f"scoring failed: {res}" if isinstance(res, Exception) else "no candidates to score"
                 set_error(q, msg, "score")
             else:
-                q["found"] = [c.to_row() for c in res]
+                q["found"] = [c.to_row() for c in res[0]]
+                q["selected"] = res[1]
         return predictions_table(to_predictions(rows, self.models, self.run_id))
 
     def _score(self, rows: list[dict], pairs: list[tuple[int, int]]) -> list:
         images = {ri: pixels(rows[ri]) for ri in {ri for ri, _ in pairs}}
         queries = [Query.from_struct(rows[ri]["queries"][qi]) for ri, qi in pairs]
         cands = [found_candidates(rows[ri]["queries"][qi]) for ri, qi in pairs]
-        return self.scorer.score(queries, [images[ri] for ri, _ in pairs], cands)
+        ims = [images[ri] for ri, _ in pairs]
+        ranked = self.scorer.score(queries, ims, cands)
+        chosen = self.scorer.select(queries, ims, ranked)
+        # (ranked candidates, chosen ranks) per query; a falsy value or an exception fails that query's row
+        return [(r, c) if isinstance(r, list) and r else r for r, c in zip(ranked, chosen, strict=True)]
 
 
 def to_predictions(rows: list[dict], models: ModelsConfig, run_id: str) -> list[Prediction]:
@@ -77,9 +83,11 @@ def to_predictions(rows: list[dict], models: ModelsConfig, run_id: str) -> list[
                 continue
             shape = (r["height"], r["width"])
             cands = [c.at_size(shape) for c in found_candidates(q)]
-            top = cands[0]
+            selected = [int(i) for i in q.get("selected") or [0] if 0 <= int(i) < len(cands)] or [0]
+            top = cands[selected[0]]
             score = top.score if top.score == top.score else None  # NaN (unparseable) -> null
-            preds.append(Prediction(mask=top.mask, score=score, candidates=cands, **base))
+            mask = top.mask if len(selected) == 1 else union_rle([cands[i].mask for i in selected])
+            preds.append(Prediction(mask=mask, score=score, candidates=cands, selected=selected, **base))
     return preds
 
 

@@ -384,9 +384,8 @@ def image_block(block: pa.Table, max_queries: int = 256) -> pa.Table:
     offsets.append(g.num_rows)
     n = g.num_rows
     cols = [pa.concat_arrays(g.column(name).chunks) for name, _ in QUERY_FIELDS]
-    queries = pa.StructArray.from_arrays(
-        [*cols, pa.nulls(n, QUERY_TYPE.field("found").type)], fields=list(QUERY_TYPE)
-    )
+    later = [pa.nulls(n, f.type) for f in list(QUERY_TYPE)[len(QUERY_FIELDS) :]]  # filled by the stages
+    queries = pa.StructArray.from_arrays([*cols, *later], fields=list(QUERY_TYPE))
     lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), queries)
     m = len(parts)
     uri = keys.take(pa.array(offsets[:-1]))

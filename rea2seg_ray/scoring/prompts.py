@@ -28,6 +28,9 @@ TEMPLATES = {
     "final_yesno": "\nAnswer Yes or No.\n",
     # Training-data reasoning for a candidate that carries a description (e.g. a given candidate's name).
     "describe": "The highlighted region is the {description}.",
+    # scoring.select=count: asked once per query, before the top candidates are taken.
+    "count": 'How many separate objects does the question ask for? Reply with JSON {{"count": n}}, n from 1 to '
+    "{most}.",
 }
 # Reasoning ends where the final question begins: a model trained on `with_final_question` texts writes that
 # question itself, and generation stops there (the scorer appends the exact text before reading Yes/No).
@@ -89,6 +92,34 @@ def with_final_question(reasoning: str) -> str:
     """Reasoning text (generated or from training data) + the final Yes/No question: the assistant turn up to the
     answer token. Scoring and fine-tuning both build it here, so the model reads the answer after the same text."""
     return reasoning.rstrip() + TEMPLATES["final_yesno"]
+
+
+def count_schema(most: int) -> dict:
+    return {
+        "type": "object",
+        "properties": {"count": {"type": "integer", "minimum": 1, "maximum": most}},
+        "required": ["count"],
+        "additionalProperties": False,
+    }
+
+
+def count_messages(question: str, most: int) -> list[dict]:
+    """How many objects the question asks for (``scoring.select=count``): the image, the question, the ask."""
+    content = [
+        {"type": "image"},
+        {"type": "text", "text": TEMPLATES["question"].format(question=question.strip())},
+        {"type": "text", "text": TEMPLATES["count"].format(most=most) + "\n"},
+    ]
+    return [{"role": "user", "content": content}]
+
+
+def parse_count(text: str, most: int) -> int:
+    m = _JSON.search(text or "")
+    try:
+        n = int(json.loads(m.group(0))["count"]) if m else int(re.search(r"\d+", text or "").group(0))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise AnswerError(f"answer {text[:80]!r} has no count") from e
+    return min(most, max(1, n))
 
 
 def comparative_messages(question: str, k: int) -> list[dict]:

@@ -24,12 +24,17 @@ from .prompts import (
     candidate_messages,
     comparative_messages,
     comparative_schema,
+    count_messages,
+    count_schema,
     parse_comparative,
+    parse_count,
     parse_numeric,
     render_chat,
     with_final_question,
 )
-from .render import render_query
+from .render import render_query, resize_once
+
+SELECT_MODES = ("top1", "threshold", "count")
 
 
 def rerank(candidates: list[Candidate], top_k: int = 0) -> list[Candidate]:
@@ -47,6 +52,21 @@ def rerank(candidates: list[Candidate], top_k: int = 0) -> list[Candidate]:
     for r, c in enumerate(ordered):
         c.rank = r
     return ordered
+
+
+def select_ranks(
+    ranked: list[Candidate], mode: str = "top1", threshold: float = 0.5, count: int = 1
+) -> list[int]:
+    """The ranks chosen as the answer (``scoring.select``), best first, never empty for a non-empty list:
+    ``top1`` the first; ``threshold`` every candidate scoring at least ``threshold`` (at least the first);
+    ``count`` the first ``count``."""
+    if not ranked:
+        return []
+    if mode == "threshold":
+        return [c.rank for c in ranked if c.score == c.score and c.score >= threshold] or [ranked[0].rank]
+    if mode == "count":
+        return [c.rank for c in ranked[: max(1, count)]]
+    return [ranked[0].rank]
 
 
 @dataclass
@@ -75,6 +95,8 @@ class Scorer:
             raise ValueError(f"scoring.mode must be per_candidate or comparative, not {cfg.mode!r}")
         if cfg.answer not in ("yesno", "numeric"):
             raise ValueError(f"scoring.answer must be yesno or numeric, not {cfg.answer!r}")
+        if cfg.select not in SELECT_MODES:
+            raise ValueError(f"scoring.select must be one of {', '.join(SELECT_MODES)}, not {cfg.select!r}")
         self.cfg = cfg
         self.model_name = models.scorer
         path = resolve_model(models.scorer, models.cache_dir or None, models.allow_hub)
@@ -114,6 +136,40 @@ class Scorer:
         scores, notes = self._run(batch.requests, ks)
         self.timings["model"] += time.perf_counter() - t0
         return self.assemble(batch, candidates, scores, notes)
+
+    def select(
+        self, queries: list[Query], images: list[np.ndarray], ranked: list[list[Candidate] | Exception]
+    ) -> list[list[int]]:
+        """The chosen ranks per query (``scoring.select``); [] for a failed or empty query. With ``count`` the
+        scorer is first asked how many objects each question wants: one request per query, in one call."""
+        cfg = self.cfg
+        counts = [1] * len(queries)
+        if cfg.select == "count":
+            todo = [i for i, r in enumerate(ranked) if isinstance(r, list) and r]
+            reqs = []
+            for i in todo:
+                size = self.input_size(*images[i].shape[:2]) if self.input_size else None
+                from PIL import Image
+
+                base = Image.fromarray(resize_once(images[i], cfg.image_max_side or 448, size))
+                prompt = render_chat(self.processor, count_messages(queries[i].text(), cfg.select_max))
+                reqs.append(ScoreRequest(prompt, [base], [image_key(base)]))
+            t0 = time.perf_counter()
+            texts = (
+                self.backend.generate(reqs, cfg.max_answer_tokens, count_schema(cfg.select_max))
+                if reqs
+                else []
+            )
+            self.timings["count"] += time.perf_counter() - t0
+            for i, t in zip(todo, texts, strict=True):
+                try:
+                    counts[i] = parse_count(t, cfg.select_max)
+                except AnswerError:
+                    counts[i] = 1  # an unreadable count takes the top candidate, as top1 would
+        return [
+            select_ranks(r, cfg.select, cfg.select_threshold, n) if isinstance(r, list) else []
+            for r, n in zip(ranked, counts, strict=True)
+        ]
 
     def build_requests(
         self, queries: list[Query], images: list[np.ndarray], candidates: list[list[Candidate]]

@@ -87,7 +87,8 @@ def test_scenes_per_category_and_failed_rows_count_zero(tmp_path, scenes_dir):
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["n"] == 12 and m["n_error"] == 3
     assert m["top1"]["giou"] == pytest.approx(9 / 12)
-    assert set(m) == {"n", "n_error", "top1", "top2", "oracle", "by_category"}
+    assert set(m) == {"n", "n_error", "top1", "top2", "oracle", "instances", "pixels", "by_category"}
+    assert m["instances"] == {"precision": 1.0, "recall": 0.75, "matched": 9, "selected": 9, "instances": 12}
     cats = m["by_category"]
     assert cats["multi-step"]["top1"] == {"giou": 1.0, "ciou": 1.0}
     assert cats["discriminative"]["top1"]["giou"] == pytest.approx(2 / 3)

@@ -247,8 +247,10 @@ def test_rerun_adds_nothing_and_a_cut_short_run_resumes_to_the_full_set(ray_driv
 
 
 def test_ray_job_submit_runs_the_segment_job(ray_cluster, tmp_path):
+    """`ray job submit` of jobs/segment.py, on multi-target scenes with threshold selection: the answer is the
+    union of every candidate over the threshold, their ranks in `selected`, scored per instance."""
     scenes = tmp_path / "scenes"
-    write_scenes(scenes, 6, seed=44)
+    write_scenes(scenes, 6, seed=44, categories=["multi-target"])
     out = tmp_path / "out"
     env = dict(os.environ, RAY_AUTH_MODE="token")
     ray_bin = str(Path(sys.executable).parent / "ray")
@@ -256,7 +258,8 @@ def test_ray_job_submit_runs_the_segment_job(ray_cluster, tmp_path):
     submit = subprocess.run(
         [ray_bin, "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", str(REPO), "--no-wait",
          "--runtime-env-json", runtime_env, "--", sys.executable, "jobs/segment.py", f"input={scenes / 'scenes.jsonl'}",
-         f"output={out}", "ray.progress_bars=false"],
+         f"output={out}", "ray.progress_bars=false", "scoring.select=threshold", "scoring.select_threshold=0.3",
+         "discovery.sources=[given]"],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert submit.returncode == 0, submit.stdout + submit.stderr
@@ -285,7 +288,16 @@ def test_ray_job_submit_runs_the_segment_job(ray_cluster, tmp_path):
     rows = read_local(out)
     assert len(rows) == 6 and all(r["status"] == "ok" for r in rows)
     check_masks(rows)
-    assert (out / "eval" / "metrics.json").exists()
+    for r in rows:
+        over = [c["rank"] for c in r["candidates"] if c["score"] >= 0.3] or [0]
+        assert r["selected"] == over
+        union = np.logical_or.reduce([coco.decode({"size": c["mask"]["size"], "counts": c["mask"]["counts"].encode()})
+                                      for c in r["candidates"] if c["rank"] in over])  # fmt: skip
+        mask = coco.decode({"size": r["mask"]["size"], "counts": r["mask"]["counts"].encode()})
+        assert np.array_equal(mask.astype(bool), union)
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["instances"]["selected"] == sum(len(r["selected"]) for r in rows)
+    assert metrics["instances"]["instances"] >= 12  # two or three objects per multi-target scene
 
 
 def test_make_demo_command_runs_on_its_embedded_default(model_cache, tmp_path):

@@ -136,3 +136,18 @@ def test_bad_config_is_clear(model_cache):
         Scorer(ScoringConfig(backend="tgi"), ModelsConfig())
     with pytest.raises(ValueError, match="scoring.mode"):
         Scorer(ScoringConfig(mode="pairwise"), ModelsConfig())
+
+
+def test_count_selection_asks_the_scorer_how_many(vllm_scorer, inputs):
+    """scoring.select=count: one count request per query (in one engine call), then that many of the best."""
+    qs, images, found = inputs
+    counter = Scorer(ScoringConfig(backend="vllm", select="count", select_max=3), ModelsConfig(),
+                     backend=vllm_scorer.backend)  # fmt: skip
+    ranked = counter.score(qs, images, copy.deepcopy(found))
+    chosen = counter.select(qs, images, ranked)
+    assert counter.timings["count"] > 0
+    for r, sel in zip(ranked, chosen, strict=True):
+        assert 1 <= len(sel) <= min(3, len(r)) and sel == list(range(len(sel)))
+    one = Scorer(ScoringConfig(backend="vllm", select="count", select_max=1), ModelsConfig(),
+                 backend=vllm_scorer.backend)  # fmt: skip
+    assert one.select(qs, images, ranked) == [[0]] * len(qs)
