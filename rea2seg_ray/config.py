@@ -113,8 +113,24 @@ class DiscoveryConfig:
     # Coordinates of the text-box answer: auto (the discovery model's family: normalized_1000 for Qwen2-VL and
     # Qwen3-VL, resized for Qwen2.5-VL) | normalized_1000 | resized (the processor's resized image) | original.
     text_box_coords: str = "auto"
+    # Coarse-to-fine (CoReS's chain): a first pass finds the context region (the MLLM's box answer when the text_box
+    # source parsed one, else the heat map's dominant blob); the image is cropped to it, grown by context_margin of
+    # its size on each side and to at least context_min_frac of the image's sides, and discovery runs again inside
+    # at the model's full resolution. The crop's candidates map back to the full image (source context_<source>)
+    # and merge with the first pass's. A region over context_max_area of the image is not zoomed into.
+    context: bool = False
+    context_margin: float = 0.5
+    context_min_frac: float = 0.2
+    context_max_area: float = 0.5
 
     def __post_init__(self) -> None:
+        if not (
+            self.context_margin >= 0 and 0 < self.context_min_frac <= 1 and 0 < self.context_max_area <= 1
+        ):
+            raise ValueError(
+                "discovery.context_margin must be >= 0, context_min_frac and context_max_area in (0, 1]; got "
+                f"{self.context_margin}, {self.context_min_frac}, {self.context_max_area}"
+            )
         coords = ("auto", "normalized_1000", "resized", "original")
         if self.text_box_coords not in coords:
             raise ValueError(

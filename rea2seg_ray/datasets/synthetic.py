@@ -5,7 +5,8 @@ sizes; some overlap (occluded), some are thin bars, some are low-contrast grey. 
 for by a templated question in one of four categories: discriminative (colour + shape), geometric (size and form
 extremes), spatial (position and relations) and multi-step (two facts combined). A fifth kind, multi-target
 ("Segment all the red shapes."), asks for the two or three objects of one colour; its manifest rows add
-``gt_instances`` (one RLE per object) and its ground truth is their union.
+``gt_instances`` (one RLE per object) and its ground truth is their union. A sixth, small-target ("Segment the
+small red star."), asks for one object 3-5 % of the image's shorter side across.
 
 Output is a ReasonSeg folder (``<id>.jpg`` + ``<id>.json`` in LISA's format, the target's visible region as
 polygons) plus a manifest (``<name>.jsonl``) whose rows also carry ``gt_mask`` (RLE) and ``candidates`` (every
@@ -31,7 +32,10 @@ from ..masks import _draw_polygon, encode_rle, shapes_to_mask
 CATEGORIES = ("discriminative", "geometric", "spatial", "multi-step")
 # Questions whose answer is several objects ("all the red shapes"); asked for by name (make-scenes categories=...).
 MULTI_TARGET = "multi-target"
-ALL_CATEGORIES = (*CATEGORIES, MULTI_TARGET)
+# One small object (3-5 % of the image's shorter side across) asked for by colour and shape among larger ones: the
+# kind where discovery's coarse-to-fine context pass (discovery.context) has something to zoom into.
+SMALL_TARGET = "small-target"
+ALL_CATEGORIES = (*CATEGORIES, MULTI_TARGET, SMALL_TARGET)
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
     "green": (40, 165, 60),
@@ -108,7 +112,11 @@ def _polygon(
 
 
 def _sample_objects(
-    rng: np.random.Generator, width: int, height: int, palette: list[str] | None = None
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    palette: list[str] | None = None,
+    small_last: bool = False,
 ) -> list[SceneObject] | None:
     n = int(rng.integers(3, 7))
     base = min(width, height)
@@ -124,7 +132,7 @@ def _sample_objects(
         else:
             colour = str(rng.choice(palette or list(COLOURS)))
             rgb = COLOURS[colour]
-        r = base * rng.uniform(0.07, 0.2)
+        r = base * (rng.uniform(0.03, 0.05) if small_last and k == n - 1 else rng.uniform(0.07, 0.2))
         margin = r + 2
         cx = rng.uniform(margin, width - margin)
         cy = rng.uniform(margin, height - margin)
@@ -234,6 +242,12 @@ def _question(
             if len(objs) > 2 and dists[order[1]] - dists[order[0]] > 0.08 * width:
                 return int(order[0]), f"First find the {ro.name()}; then segment the object closest to it."
         return None
+    if category == SMALL_TARGET:
+        t = len(objs) - 1  # drawn last, so never occluded
+        if t not in uniq_cs or objs[t].colour == LOW_CONTRAST or objs[t].shape == "bar":
+            return None
+        tmpl = rng.choice(["Segment the small {n}.", "Where is the little {n}?", "Find the tiny {n}."])
+        return t, str(tmpl).format(n=objs[t].name())
     if category == MULTI_TARGET:
         # "all the red shapes": a colour that two or three objects share (never the low-contrast grey)
         by_colour: dict[str, list[int]] = {}
@@ -280,7 +294,7 @@ def make_scene(index: int, category: str, seed: int = 0, width: int = 320, heigh
     for _ in range(400):
         # multi-target scenes draw from fewer colours, so that two or three objects share one
         palette = list(rng.choice(list(COLOURS), 3, replace=False)) if category == MULTI_TARGET else None
-        objs = _sample_objects(rng, width, height, palette)
+        objs = _sample_objects(rng, width, height, palette, small_last=category == SMALL_TARGET)
         if objs is None:
             continue
         q = _question(category, objs, rng, width)

@@ -140,9 +140,88 @@ class Discoverer:
     def discover(self, queries: list[Query], images: list[np.ndarray]) -> list[list[Candidate] | Exception]:
         """Candidates for each (query, image). images: (H, W, 3) uint8 RGB; several queries may share one array
         (the same image is embedded once). Returns, per query, 1..K Candidates or the exception that stopped it.
+        With ``discovery.context`` a second pass runs inside each query's context region (see ``context_pass``).
         """
         if len(queries) != len(images):
             raise ValueError(f"{len(queries)} queries but {len(images)} images")
+        results, heats, boxes = self._discover_pass(queries, images)
+        if self.cfg.context:
+            results = self.context_pass(queries, images, results, heats, boxes)
+        return results
+
+    def context_box(self, heat: HeatMap | None, box: list[float] | None, h: int, w: int) -> list[int] | None:
+        """The crop (x0, y0, x1, y1, pixels) of the coarse-to-fine pass: the MLLM's box, else the dominant
+        attention blob, grown by ``context_margin`` and to ``context_min_frac`` of the image; None when there is no
+        region or it is too large to gain from zooming in."""
+        cfg = self.cfg
+        if box is None and heat is not None:
+            blobs = blob_boxes(heat, cfg.prompts.box_threshold, 1)
+            box = blobs[0][0] if blobs else None
+        if box is None:
+            return None
+        x0, y0, x1, y1 = box
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        bw = max((x1 - x0) * (1 + 2 * cfg.context_margin), cfg.context_min_frac * w)
+        bh = max((y1 - y0) * (1 + 2 * cfg.context_margin), cfg.context_min_frac * h)
+        if bw * bh > cfg.context_max_area * w * h:
+            return None
+        x0, x1 = int(max(0, round(cx - bw / 2))), int(min(w, round(cx + bw / 2)))
+        y0, y1 = int(max(0, round(cy - bh / 2))), int(min(h, round(cy + bh / 2)))
+        return [x0, y0, x1, y1] if x1 - x0 >= 8 and y1 - y0 >= 8 else None
+
+    def context_pass(
+        self,
+        queries: list[Query],
+        images: list[np.ndarray],
+        first: list[list[Candidate] | Exception],
+        heats: list,
+        boxes: list,
+    ) -> list[list[Candidate] | Exception]:
+        """CoReS's second step: discovery again inside each query's context region, at the model's full
+        resolution; the crop's candidates, pasted back at full size (source ``context_<source>``), merge with the
+        first pass's (the same NMS and cap). A query whose crop fails keeps its first-pass candidates."""
+        import dataclasses
+
+        from ..masks import decode_rle
+
+        todo, crops, where = [], [], []
+        for i, (im, res) in enumerate(zip(images, first, strict=True)):
+            if isinstance(res, Exception):
+                continue
+            heat = heats[i] if isinstance(heats[i], HeatMap) else None
+            crop = self.context_box(heat, boxes[i], *im.shape[:2])
+            if crop is None:
+                continue
+            x0, y0, x1, y1 = crop
+            todo.append(
+                dataclasses.replace(queries[i], candidates=None)
+            )  # given masks are full-size: not inside
+            crops.append(np.ascontiguousarray(images[i][y0:y1, x0:x1]))
+            where.append((i, crop))
+        if not todo:
+            return first
+        second, _, _ = self._discover_pass(todo, crops)
+        self.counts["context_crops"] += len(todo)
+        out = list(first)
+        t0 = time.perf_counter()
+        for (i, (x0, y0, x1, y1)), res in zip(where, second, strict=True):
+            if isinstance(res, Exception):
+                continue
+            h, w = images[i].shape[:2]
+            raw = [RawCandidate(decode_rle(c.mask), c.source, c.prior) for c in first[i]]
+            for c in res:
+                full = np.zeros((h, w), bool)
+                full[y0:y1, x0:x1] = decode_rle(c.mask)
+                raw.append(RawCandidate(full, "context_" + c.source, c.prior))
+            min_area = max(self.cfg.min_area, int(self.cfg.min_area_frac * h * w))
+            out[i] = merge_candidates(raw, self.cfg.max_candidates, self.cfg.nms_iou, min_area) or first[i]
+        self.timings["merge"] += time.perf_counter() - t0
+        return out
+
+    def _discover_pass(
+        self, queries: list[Query], images: list[np.ndarray]
+    ) -> tuple[list[list[Candidate] | Exception], list, list]:
+        """One discovery pass: (candidates or the exception per query, heat maps, the MLLM's parsed boxes)."""
         n = len(queries)
         results: list[list[Candidate] | Exception] = [[] for _ in range(n)]
         heats: list[HeatMap | Exception | None] = [None] * n
@@ -197,6 +276,7 @@ class Discoverer:
                     concept_embs[uniq[id(im)]] = self.concept.embed(im)
         self.timings["sam"] += time.perf_counter() - t0
 
+        boxes: list[list[float] | None] = [None] * n
         for i, (q, im) in enumerate(zip(queries, images, strict=True)):
             try:
                 if isinstance(heats[i], Exception):
@@ -205,19 +285,23 @@ class Discoverer:
                 if phrases[i]:
                     extra = self.concept.segment(concept_embs[uniq[id(im)]], im.shape[:2], phrases[i])
                     self.counts["concept_phrases"] += len(phrases[i])
-                results[i] = self._discover_one(q, im, embs[uniq[id(im)]], heats[i], answers[i], extra)
+                results[i], boxes[i] = self._discover_one(
+                    q, im, embs[uniq[id(im)]], heats[i], answers[i], extra
+                )
             except Exception as e:  # noqa: BLE001 - one query's failure never sinks the batch
                 results[i] = (
                     e if isinstance(e, DiscoveryError) else DiscoveryError(f"{type(e).__name__}: {e}")
                 )
         self.counts["queries"] += n
         self.counts["images"] += len(distinct)
-        return results
+        return results, heats, boxes
 
     def _discover_one(
         self, q: Query, im: np.ndarray, emb, heat: HeatMap | None, answer: str, concept: list[SamMask] = ()
-    ) -> list[Candidate]:
-        """``concept``: SAM 3's instances of the MLLM's noun phrases for this query (source ``concept``)."""
+    ) -> tuple[list[Candidate], list[float] | None]:
+        """(candidates, the MLLM's parsed box or None). ``concept``: SAM 3's instances of the MLLM's noun phrases
+        for this query (source ``concept``)."""
+        box = None
         h, w = im.shape[:2]
         t0 = time.perf_counter()
         sam_masks: list[SamMask] = list(concept)
@@ -234,6 +318,7 @@ class Discoverer:
                 coords = self.mapper.adapter.family.box_coords
             parsed = parse_box_answer(answer, h, w, coords, resized)
             if parsed is not None:
+                box = list(parsed[0])
                 sam_masks += self.prompter.predict_box_and_points(emb, parsed[0], parsed[1])
                 self.counts["text_box_parsed"] += 1
         self.timings["sam"] += time.perf_counter() - t0
@@ -256,4 +341,4 @@ class Discoverer:
         self.timings["merge"] += time.perf_counter() - t0
         if not cands:
             raise DiscoveryError("no candidate masks (every source returned empty masks)")
-        return cands
+        return cands, box

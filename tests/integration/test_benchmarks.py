@@ -58,3 +58,12 @@ def test_gpu_benchmark_code_paths_run_in_smoke_mode(model_cache):
     assert re.search(r"discovery \(.*\): [\d.]+ queries/s", out), out
     assert re.search(r"SAM tiny image encoder.*fp32 \(segment_anything\) [\d.]+ img/s.* [\d.]+x", out), out
     assert re.search(r"scorer \(.*vLLM\): [\d.]+ candidates/s", out), out
+
+
+def test_context_benchmark_prints_both_discovery_modes(model_cache):
+    out = run_bench("context.py", "n=2", "width=320", "height=240", "scoring.backend=hf")
+    assert re.search(r"\| one pass \| [\d.]+ \| [\d.]+ \| [\d.]+ \| 0 \| 0 \|", out), out
+    assert re.search(r"\| coarse-to-fine \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [12] \| \d+ \|", out), out
+    assert re.search(
+        r"coarse-to-fine / one pass: oracle gIoU \S+, top-1 gIoU \S+, discovery time [\d.]+x", out
+    ), out

@@ -164,3 +164,35 @@ def test_a_bad_given_mask_fails_only_its_query(model_cache):
 def test_runs_in_fp32_on_cpu(discoverer):
     assert discoverer.device == "cpu" and discoverer.dtype == torch.float32
     assert discoverer.mapper.model.dtype == torch.float32
+
+
+def test_coarse_to_fine_context_pass_crops_and_maps_back(model_cache, tmp_path):
+    """discovery.context: the second pass runs inside the first pass's context region, and its candidates come
+    back at full size, inside that region, merged with the first pass's (no two above the NMS threshold)."""
+    from rea2seg_ray.datasets.synthetic import SMALL_TARGET, write_scenes
+
+    write_scenes(tmp_path, 3, seed=5, width=480, height=360, categories=[SMALL_TARGET])
+    qs = list(read_queries(str(tmp_path / "scenes.jsonl")))
+    images = [np.asarray(Image.open(q.image).convert("RGB")) for q in qs]
+    d = Discoverer(
+        DiscoveryConfig(context=True, context_max_area=0.9, sources=["attention", "given"]), ModelsConfig()
+    )
+    first, heats, boxes = d._discover_pass(qs, images)
+    crops = [d.context_box(h, b, 360, 480) for h, b in zip(heats, boxes, strict=True)]
+    results = d.discover(qs, images)
+    assert d.counts["context_crops"] == sum(c is not None for c in crops) > 0
+    for res, crop, one in zip(results, crops, first, strict=True):
+        assert isinstance(res, list) and 1 <= len(res) <= d.cfg.max_candidates
+        inside = [c for c in res if c.source.startswith("context_")]
+        assert crop is not None or not inside
+        for c in inside:
+            m = decode_rle(c.mask)
+            assert m.shape == (360, 480)
+            x0, y0, x1, y1 = crop
+            assert m[y0:y1, x0:x1].sum() == m.sum() > 0  # every pixel inside the crop it came from
+        assert not any(
+            c.source == "context_given" for c in res
+        )  # full-size given masks stay in the first pass
+        iou = rle_iou_matrix([c.mask for c in res], [c.mask for c in res])
+        assert (iou[~np.eye(len(res), dtype=bool)] <= d.cfg.nms_iou + 1e-9).all()
+        assert {c.mask["counts"] for c in one} & {c.mask["counts"] for c in res} or inside
