@@ -29,22 +29,15 @@ log = logging.getLogger("rea2seg.cli")
 
 
 def setup_logging(verbosity: int) -> None:
-    """The ``rea2seg`` loggers to stderr in a readable format: INFO by default (the plan, files written, what was
-    moved aside), DEBUG with ``-v``, WARNING with ``-q``. The command's report (run summary, tables) goes to stdout.
-    Other libraries' loggers (Ray, vLLM, transformers) keep their own settings."""
-    level = {-1: logging.WARNING, 0: logging.INFO}.get(max(-1, min(verbosity, 1)), logging.DEBUG)
-    logger = logging.getLogger("rea2seg")
-    logger.setLevel(level)
-    handler = next((h for h in logger.handlers if getattr(h, "_rea2seg", False)), None)
-    if handler is None:
-        handler = logging.StreamHandler()
-        handler.setFormatter(
-            logging.Formatter("[rea2seg %(asctime)s] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-        )
-        handler._rea2seg = True
-        logger.addHandler(handler)
-    handler.stream = sys.stderr  # the current one (main() may run again in a process; the old may be closed)
-    logger.propagate = False
+    """INFO by default (the plan, files written, what was moved aside), DEBUG with ``-v`` (prompts too), WARNING
+    with ``-q``; exported to the Ray workers the command starts. The command's report goes to stdout."""
+    import os
+
+    from . import LOG_LEVEL_ENV, configure_logging
+
+    level = {-1: "WARNING", 0: "INFO"}.get(max(-1, min(verbosity, 1)), "DEBUG")
+    os.environ[LOG_LEVEL_ENV] = level
+    configure_logging(level)
 
 
 def cmd_build_tiny_models(cfg: BuildTinyModelsConfig) -> int:

@@ -99,6 +99,11 @@ class Query:
             return "\n".join(f"{t.get('role', 'user')}: {t.get('content', '')}" for t in self.conversation)
         return self.question
 
+    def dialogue(self) -> str | list[dict]:
+        """What the prompts render: the question, or the conversation as a real dialogue (roles kept; see
+        ``scoring.prompts.dialogue_messages``)."""
+        return self.conversation if self.conversation else self.question
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -16,8 +16,11 @@ from .refcoco import iter_refcoco
 from .shards import InputSpec, resolve_input
 
 SAMPLE_SCENES = Path(__file__).resolve().parent.parent / "sample_data" / "scenes"
+# Progressive dialogues (MIRAS-style) over four scenes: `conversation` rows (rea2seg make-scenes categories=[dialogue]).
+DIALOGUE_SAMPLE = SAMPLE_SCENES.parent / "dialogues"
 
 __all__ = [
+    "DIALOGUE_SAMPLE",
     "DatasetError",
     "InputSpec",
     "SAMPLE_SCENES",

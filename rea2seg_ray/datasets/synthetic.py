@@ -6,7 +6,9 @@ for by a templated question in one of four categories: discriminative (colour + 
 extremes), spatial (position and relations) and multi-step (two facts combined). A fifth kind, multi-target
 ("Segment all the red shapes."), asks for the two or three objects of one colour; its manifest rows add
 ``gt_instances`` (one RLE per object) and its ground truth is their union. A sixth, small-target ("Segment the
-small red star."), asks for one object 3-5 % of the image's shorter side across.
+small red star."), asks for one object 3-5 % of the image's shorter side across. A seventh, dialogue, narrows
+down to one object over a conversation (colour, then shape when the colour is shared): its row has a
+``conversation`` instead of a ``question``.
 
 Output is a ReasonSeg folder (``<id>.jpg`` + ``<id>.json`` in LISA's format, the target's visible region as
 polygons) plus a manifest (``<name>.jsonl``) whose rows also carry ``gt_mask`` (RLE) and ``candidates`` (every
@@ -35,7 +37,10 @@ MULTI_TARGET = "multi-target"
 # One small object (3-5 % of the image's shorter side across) asked for by colour and shape among larger ones: the
 # kind where discovery's coarse-to-fine context pass (discovery.context) has something to zoom into.
 SMALL_TARGET = "small-target"
-ALL_CATEGORIES = (*CATEGORIES, MULTI_TARGET, SMALL_TARGET)
+# A progressive dialogue (MIRAS-style) that narrows down to one object: its colour first, then, when the colour is
+# shared, its shape. The manifest row has a `conversation` instead of a `question`.
+DIALOGUE = "dialogue"
+ALL_CATEGORIES = (*CATEGORIES, MULTI_TARGET, SMALL_TARGET, DIALOGUE)
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
     "green": (40, 165, 60),
@@ -172,7 +177,7 @@ def _extreme(values: list[float], largest: bool, margin: float) -> int | None:
 
 def _question(
     category: str, objs: list[SceneObject], rng: np.random.Generator, width: int
-) -> tuple[int | list[int], str] | None:
+) -> tuple[int | list[int], str | list[dict]] | None:
     uniq_cs = _unique(objs, lambda o: (o.colour, o.shape))
     areas = [float(o.area) for o in objs]
     cents = [o.centroid() for o in objs]
@@ -242,6 +247,12 @@ def _question(
             if len(objs) > 2 and dists[order[1]] - dists[order[0]] > 0.08 * width:
                 return int(order[0]), f"First find the {ro.name()}; then segment the object closest to it."
         return None
+    if category == DIALOGUE:
+        named = [i for i in uniq_cs if objs[i].colour != LOW_CONTRAST]
+        if not named:
+            return None
+        t = int(rng.choice(named))
+        return t, dialogue(objs, t, rng)
     if category == SMALL_TARGET:
         t = len(objs) - 1  # drawn last, so never occluded
         if t not in uniq_cs or objs[t].colour == LOW_CONTRAST or objs[t].shape == "bar":
@@ -261,6 +272,20 @@ def _question(
         tmpl = rng.choice(["Segment all the {c} shapes.", "Find every {c} object.", "Which objects are {c}?"])
         return by_colour[colour], str(tmpl).format(c=colour)
     raise ValueError(f"unknown category {category!r} (choose from {', '.join(ALL_CATEGORIES)})")
+
+
+def dialogue(objs: list[SceneObject], t: int, rng: np.random.Generator) -> list[dict]:
+    """A conversation that narrows down to ``objs[t]``: the user wants something, the assistant asks its colour,
+    and (when other objects share it) then its shape. Deterministic given ``rng``'s state."""
+    o = objs[t]
+    opener = str(rng.choice(["I'm looking for something in this picture.", "Can you find an object for me?",
+                             "Help me pick out one of these shapes."]))  # fmt: skip
+    turns = [{"role": "user", "content": opener}, {"role": "assistant", "content": "Sure. What colour is it?"},
+             {"role": "user", "content": f"It is {o.colour}."}]  # fmt: skip
+    if sum(x.colour == o.colour for x in objs) > 1:
+        turns += [{"role": "assistant", "content": f"There is more than one {o.colour} object. What shape is it?"},
+                  {"role": "user", "content": f"The {o.shape}."}]  # fmt: skip
+    return turns
 
 
 def _render(objs: list[SceneObject], width: int, height: int, rng: np.random.Generator) -> np.ndarray:
@@ -302,6 +327,10 @@ def make_scene(index: int, category: str, seed: int = 0, width: int = 320, heigh
             continue
         t, question = q
         targets = t if isinstance(t, list) else [t]
+        conversation = None
+        if isinstance(question, list):  # a dialogue: the LISA JSON's text is its user turns, joined
+            conversation = question
+            question = " ".join(turn["content"] for turn in conversation if turn["role"] == "user")
         shapes = [s for i in targets for s in _target_shapes(objs[i])]
         gt = shapes_to_mask(shapes, height, width)
         union = np.logical_or.reduce([objs[i].visible for i in targets])
@@ -318,8 +347,11 @@ def make_scene(index: int, category: str, seed: int = 0, width: int = 320, heigh
         }
         if len(targets) > 1:
             anno["target_indices"] = targets  # multi-target: every object the question asks for
-        return {"image": image, "annotation": anno, "objects": objs, "target": targets[0], "targets": targets,
-                "gt": gt}  # fmt: skip
+        scene = {"image": image, "annotation": anno, "objects": objs, "target": targets[0], "targets": targets,
+                 "gt": gt}  # fmt: skip
+        if conversation is not None:
+            scene["conversation"] = conversation
+        return scene
     raise RuntimeError(f"could not make a valid {category} scene for index {index} (seed {seed})")
 
 
@@ -361,6 +393,9 @@ def write_scenes(
                 "reasoning": REASONING.format(target=_names([scene["objects"][i] for i in scene["targets"]])),
             }
         )
+        if "conversation" in scene:
+            rows[-1]["conversation"] = scene["conversation"]
+            del rows[-1]["question"]
         if len(scene["targets"]) > 1:
             rows[-1]["gt_instances"] = [encode_rle(scene["objects"][i].visible) for i in scene["targets"]]
     manifest = out / f"{name}.jsonl"

@@ -20,9 +20,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .. import get_logger
 from ..config import AttentionConfig
 from ..models.families import VLMFamily, family_of
 from .prompts import HeatMap, smooth
+
+log = get_logger(__name__)
 
 # The attention implementation the discovery MLLM is loaded with for the sdpa path: PyTorch's SDPA for every layer,
 # plus the question-row weights at the layers a ``_Probe`` asks for.
@@ -103,11 +106,14 @@ class VLMAdapter:
         self.image_id, self.after_image_ids, self.turn_end_id = self.family.token_ids(tok)
         tok.padding_side = "left"  # batched generation needs left padding; positions are found per row anyway
 
-    def prompt(self, text: str, suffix: str = "") -> str:
-        content = [{"type": "image"}, {"type": "text", "text": text + suffix}]
-        return self.processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True
-        )
+    def prompt(self, text, suffix: str = "") -> str:
+        """The chat prompt for a question (str) or a dialogue ([{role, content}], roles kept): the image opens the
+        first user turn, ``suffix`` (e.g. the text-box request) closes the last."""
+        from ..scoring.prompts import dialogue_messages
+
+        last = "{question}" + suffix.replace("{", "{{").replace("}", "}}")
+        messages = dialogue_messages(text, [{"type": "image"}], last, [])
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
 
     def encode(self, images: list[Image.Image], prompts: list[str]) -> dict:
         return self.processor(text=prompts, images=images, return_tensors="pt", padding=True)
@@ -178,9 +184,13 @@ class AttentionMapper:
 
     @torch.no_grad()
     def heat_maps(self, images: list[np.ndarray], texts: list[str]) -> list[HeatMap]:
-        """images: (H, W, 3) uint8 RGB arrays; texts: the questions (or rendered dialogues). One HeatMap each."""
+        """images: (H, W, 3) uint8 RGB arrays; texts: the questions, or dialogues ([{role, content}]). One HeatMap
+        each; the question rows are every text token after the image (a dialogue's turns, roles included)."""
         pil = [Image.fromarray(im) for im in images]
-        inputs = self.adapter.encode(pil, [self.adapter.prompt(t) for t in texts])
+        prompts = [self.adapter.prompt(t) for t in texts]
+        for p in prompts:
+            log.debug("discovery prompt: %r", p)
+        inputs = self.adapter.encode(pil, prompts)
         inputs = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)

@@ -227,14 +227,14 @@ class Discoverer:
         heats: list[HeatMap | Exception | None] = [None] * n
         if self.needs_mllm:
             t0 = time.perf_counter()
-            heats = self._heat_maps(images, [q.text() for q in queries])
+            heats = self._heat_maps(images, [q.dialogue() for q in queries])
             self.timings["mllm"] += time.perf_counter() - t0
         answers: list[str] = [""] * n
         if "text_box" in self.cfg.sources:
             t0 = time.perf_counter()
             try:
                 answers = self.mapper.generate_text(
-                    images, [q.text() for q in queries], "\n" + self.cfg.text_box_prompt
+                    images, [q.dialogue() for q in queries], "\n" + self.cfg.text_box_prompt
                 )
             except Exception:  # noqa: BLE001 - the text source is optional; attention still gives candidates
                 answers = [""] * n
@@ -246,7 +246,7 @@ class Discoverer:
             try:
                 said = self.mapper.generate_text(
                     images,
-                    [q.text() for q in queries],
+                    [q.dialogue() for q in queries],
                     "\n" + self.cfg.concept_prompt,
                     self.cfg.concept_tokens,
                 )

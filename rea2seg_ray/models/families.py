@@ -48,14 +48,15 @@ class VLMFamily:
     saved_prefixes: tuple[tuple[str, str], ...] = ()
 
     def question_span(self, ids: torch.Tensor, image_id: int, after_ids: set[int], end_id: int) -> range:
-        """Positions of the user's text in one sample (after the image block, before the turn's end)."""
+        """Positions of the user's text in one sample: after the image block, up to the end of the last turn before
+        the generation prompt (a question's one turn; a dialogue's turns after the image, roles included)."""
         seq = ids.tolist()
         last = max(i for i, t in enumerate(seq) if t == image_id)
         start = last + 1
         while start < len(seq) and seq[start] in after_ids:
             start += 1
-        end = seq.index(end_id, start) if end_id in seq[start:] else len(seq)
-        return range(start, end)
+        ends = [i for i in range(start, len(seq)) if seq[i] == end_id]
+        return range(start, ends[-1] if ends else len(seq))
 
     def token_ids(self, tokenizer) -> tuple[int, set[int], int]:
         """(image token id, ids closing the image block, turn-end id) in ``tokenizer``'s vocabulary."""

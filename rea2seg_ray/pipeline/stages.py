@@ -27,8 +27,10 @@ class ScoreStage:
         run_id: str,
         ledger: str | None = None,
     ):
+        from .. import configure_logging
         from ..scoring.scorer import Scorer
 
+        configure_logging()  # the driver's -v / -q, through the worker environment
         self.models, self.run_id = models, run_id
         self.scorer = Scorer(scoring, models)
         self.scorer.warmup()

@@ -12,6 +12,7 @@ from ..config import PoolConfig, RayConfig
 # Environment every worker needs (no secrets: credentials come from the nodes' own environment or roles).
 WORKER_ENV = (
     "REA2SEG_CACHE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "HF_HUB_OFFLINE",
+    "REA2SEG_LOG_LEVEL",
 )  # fmt: skip
 
 

@@ -106,8 +106,10 @@ class DiscoverStage:
         max_question_tokens: int,
         ledger: str | None = None,
     ):
+        from .. import configure_logging
         from ..discovery.discoverer import Discoverer
 
+        configure_logging()  # the driver's -v / -q, through the worker environment
         self.discoverer = Discoverer(discovery, models)
         self.discoverer.warmup()
         self.max_tokens = max_question_tokens

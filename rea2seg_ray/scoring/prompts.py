@@ -61,8 +61,48 @@ def comparative_schema(k: int) -> dict:
     }
 
 
+ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "model": "assistant",
+         "system": "system"}  # fmt: skip
+
+
+def dialogue_turns(question) -> list[dict]:
+    """A question (str) or a dialogue ([{role, content}]) -> its turns up to and including the last user turn, roles
+    normalised (``human`` -> user, ``gpt`` -> assistant): the target is the intent after that turn."""
+    if isinstance(question, str):
+        return [{"role": "user", "content": question}]
+    turns = [{"role": ROLES.get(str(t.get("role") or "user").lower(), "user"), "content": str(t.get("content") or "")}
+             for t in question]  # fmt: skip
+    users = [i for i, t in enumerate(turns) if t["role"] == "user"]
+    return (
+        turns[: users[-1] + 1]
+        if users
+        else [{"role": "user", "content": "\n".join(t["content"] for t in turns)}]
+    )
+
+
+def dialogue_messages(question, head: list[dict], text: str, tail: list[dict]) -> list[dict]:
+    """Chat messages for a question or a whole dialogue, roles kept. A question is one user message
+    ``[*head, text.format(question=...), *tail]``. In a dialogue the earlier turns are their own messages, ``head``
+    (the image) opens the first user turn, so everything before the last turn stays a shared prefix, and the last
+    user turn is ``text`` formatted with its content, then ``tail``. Discovery, scoring and training all build
+    their prompts here."""
+    turns = dialogue_turns(question)
+    users = [i for i, t in enumerate(turns) if t["role"] == "user"]
+    first, last = users[0], users[-1]
+    msgs = []
+    for i, t in enumerate(turns):
+        if i == last:
+            content = [{"type": "text", "text": text.format(question=t["content"].strip())}, *tail]
+        else:
+            content = [{"type": "text", "text": t["content"]}]
+        if i == first:
+            content = [*head, *content]
+        msgs.append({"role": t["role"], "content": content})
+    return msgs
+
+
 def candidate_messages(
-    question: str,
+    question,
     render: str,
     answer: str = "yesno",
     reasoning: bool = False,
@@ -70,7 +110,8 @@ def candidate_messages(
     show_original: bool = True,
 ) -> list[dict]:
     """Chat messages for one candidate: [image, question, what the next image shows + the ask, candidate image].
-    ``show_original=False`` drops the first image (an overlay already shows the whole picture, dimmed)."""
+    ``question``: the text, or a dialogue ([{role, content}], see ``dialogue_messages``). ``show_original=False``
+    drops the first image (an overlay already shows the whole picture, dimmed)."""
     show = TEMPLATES["overlay_tint" if render == "overlay" and style == "tint" else render]
     if not show_original and render == "overlay" and style == "dim":
         show = TEMPLATES["overlay_only"]
@@ -79,13 +120,9 @@ def candidate_messages(
         ask = f"{ask} {TEMPLATES['think']}"
     # Everything shared by the query's candidates comes before the candidate image, so the cached prefix is as
     # long as it can be; only the candidate image and the turn's closing tokens differ between prompts.
-    content = [
-        {"type": "image"},
-        {"type": "text", "text": TEMPLATES["question"].format(question=question.strip())},
-        {"type": "text", "text": f"{show} {ask}\n"},
-        {"type": "image"},
-    ]
-    return [{"role": "user", "content": content if show_original else content[1:]}]
+    head = [{"type": "image"}] if show_original else []
+    tail = [{"type": "text", "text": f"{show} {ask}\n"}, {"type": "image"}]
+    return dialogue_messages(question, head, TEMPLATES["question"], tail)
 
 
 def with_final_question(reasoning: str) -> str:
@@ -103,14 +140,10 @@ def count_schema(most: int) -> dict:
     }
 
 
-def count_messages(question: str, most: int) -> list[dict]:
+def count_messages(question, most: int) -> list[dict]:
     """How many objects the question asks for (``scoring.select=count``): the image, the question, the ask."""
-    content = [
-        {"type": "image"},
-        {"type": "text", "text": TEMPLATES["question"].format(question=question.strip())},
-        {"type": "text", "text": TEMPLATES["count"].format(most=most) + "\n"},
-    ]
-    return [{"role": "user", "content": content}]
+    tail = [{"type": "text", "text": TEMPLATES["count"].format(most=most) + "\n"}]
+    return dialogue_messages(question, [{"type": "image"}], TEMPLATES["question"], tail)
 
 
 def parse_count(text: str, most: int) -> int:
@@ -122,13 +155,9 @@ def parse_count(text: str, most: int) -> int:
     return min(most, max(1, n))
 
 
-def comparative_messages(question: str, k: int) -> list[dict]:
-    content = [
-        {"type": "text", "text": TEMPLATES["question"].format(question=question.strip())},
-        {"type": "image"},
-        {"type": "text", "text": TEMPLATES["comparative"].format(k=k)},
-    ]
-    return [{"role": "user", "content": content}]
+def comparative_messages(question, k: int) -> list[dict]:
+    tail = [{"type": "image"}, {"type": "text", "text": TEMPLATES["comparative"].format(k=k)}]
+    return dialogue_messages(question, [], TEMPLATES["question"], tail)
 
 
 def render_chat(processor, messages: list[dict], answer: str | None = None) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import get_logger
 from ..config import ModelsConfig, ScoringConfig
 from ..records import Candidate, Query
 from .backends import HFBackend, ScoreRequest, VLLMBackend, image_key
@@ -33,6 +34,8 @@ from .prompts import (
     with_final_question,
 )
 from .render import render_query, resize_once
+
+log = get_logger(__name__)
 
 SELECT_MODES = ("top1", "threshold", "count")
 
@@ -152,7 +155,7 @@ class Scorer:
                 from PIL import Image
 
                 base = Image.fromarray(resize_once(images[i], cfg.image_max_side or 448, size))
-                prompt = render_chat(self.processor, count_messages(queries[i].text(), cfg.select_max))
+                prompt = render_chat(self.processor, count_messages(queries[i].dialogue(), cfg.select_max))
                 reqs.append(ScoreRequest(prompt, [base], [image_key(base)]))
             t0 = time.perf_counter()
             texts = (
@@ -199,14 +202,15 @@ class Scorer:
                 batch.results[qi] = RuntimeError(f"rendering candidates failed: {type(e).__name__}: {e}")
                 continue
             if comparative:
-                prompt = render_chat(self.processor, comparative_messages(q.text(), len(cands)))
+                prompt = render_chat(self.processor, comparative_messages(q.dialogue(), len(cands)))
+                log.debug("scorer prompt for %s: %r", q.query_id, prompt)
                 batch.requests.append(ScoreRequest(prompt, [shown[0]], [image_key(shown[0])]))
                 batch.slots.append(_Slot(qi, -1))
             else:
                 prompt = render_chat(
                     self.processor,
                     candidate_messages(
-                        q.text(),
+                        q.dialogue(),
                         self.cfg.render,
                         self.cfg.answer,
                         self.cfg.reasoning,
@@ -214,6 +218,7 @@ class Scorer:
                         self.cfg.show_original,
                     ),
                 )
+                log.debug("scorer prompt for %s: %r", q.query_id, prompt)
                 bkey = image_key(base)
                 # A candidate image is a pure function of the base image, its mask and the render settings: key it
                 # by those instead of hashing its pixels.

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from ..datasets import gt_mask_from_annotation, load_annotation
 from ..masks import decode_rle, intersection_union, iou_from_iu
-from ..records import MASK_TYPE, Candidate, Query
+from ..records import MASK_TYPE, TURN_TYPE, Candidate, Query
 from ..scoring.prompts import TEMPLATES
 
 EXAMPLE_SCHEMA = pa.schema(
@@ -29,6 +29,8 @@ EXAMPLE_SCHEMA = pa.schema(
         ("iou", pa.float32()),
         ("label", pa.string()),  # "Yes" | "No"
         ("reasoning", pa.string()),
+        # The dialogue, roles kept, when the query was one (null for a question): training renders it as scoring does.
+        ("conversation", pa.list_(TURN_TYPE)),
     ]
 )
 
@@ -140,6 +142,7 @@ def _examples(
             "example_id": f"{q.query_id}#{k}", "query_id": q.query_id, "image_uri": q.image, "question": q.text(),
             "category": q.category, "mask": cand.mask, "source": cand.source, "iou": iou, "label": lab,
             "reasoning": example_reasoning(q, _description(m, described, pos_iou)),
+            "conversation": q.conversation or None,
         })  # fmt: skip
     return balance(examples, max_neg_per_pos, keep_without_positive, _rng(q.query_id, seed))
 

@@ -78,7 +78,12 @@ def collate(
             size,
         )
         msgs = candidate_messages(
-            e["question"], scfg.render, "yesno", scfg.reasoning, scfg.overlay_style, scfg.show_original
+            e.get("conversation") or e["question"],
+            scfg.render,
+            "yesno",
+            scfg.reasoning,
+            scfg.overlay_style,
+            scfg.show_original,
         )
         turn = with_final_question(e.get("reasoning") or "") if scfg.reasoning else ""
         texts.append(render_chat(processor, msgs, answer=turn + e["label"]))

@@ -110,19 +110,29 @@ def test_every_query_gets_1_to_k_distinct_candidates_at_image_size(discoverer):
         assert [c.prior for c in cands] == sorted((c.prior for c in cands), reverse=True)
 
 
-def test_conversation_query_uses_the_whole_dialogue(discoverer):
+def test_conversation_query_is_a_real_dialogue_with_roles(discoverer):
+    """A conversation reaches the MLLM as chat turns (roles kept, the image in the first user turn), and the
+    attention rows are the dialogue's tokens after the image, through the last user turn."""
     qs, images = _scene_batch(1)
-    conv = Query(
-        "c1",
-        qs[0].image,
-        conversation=[
-            {"role": "user", "content": "What shapes are there?"},
-            {"role": "assistant", "content": "A bar, a hexagon and more."},
-            {"role": "user", "content": "Segment the one that is white."},
-        ],
-    )
+    turns = [
+        {"role": "user", "content": "What shapes are there?"},
+        {"role": "assistant", "content": "A bar, a hexagon and more."},
+        {"role": "user", "content": "Segment the one that is white."},
+        {"role": "assistant", "content": "(a trailing assistant turn is not part of the intent)"},
+    ]
+    conv = Query("c1", qs[0].image, conversation=turns)
+    adapter = discoverer.mapper.adapter
+    prompt = adapter.prompt(conv.dialogue())
+    assert "<|im_start|>assistant\nA bar, a hexagon and more.<|im_end|>" in prompt
+    assert prompt.index("<|vision_start|>") < prompt.index("What shapes are there?")
+    assert prompt.endswith("Segment the one that is white.<|im_end|>\n<|im_start|>assistant\n")
+    assert "trailing" not in prompt
+    inputs = adapter.encode([Image.fromarray(images[0])], [prompt])
+    (span,) = adapter.spans(inputs)
+    text = adapter.processor.tokenizer.decode(inputs["input_ids"][0][span.question])
+    assert text.startswith("What shapes are there?") and text.endswith("Segment the one that is white.")
     (cands,) = discoverer.discover([conv], images)
-    assert len(cands) >= 1 and "Segment the one that is white." in conv.text()
+    assert len(cands) >= 1
 
 
 def test_given_and_automatic_sources(model_cache):

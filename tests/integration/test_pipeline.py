@@ -337,3 +337,26 @@ def test_make_demo_command_runs_on_its_embedded_default(model_cache, tmp_path):
         # not blank: the page's cards and pictures paint many colours over much of the viewport
         assert shot.std() > 20 and len(np.unique(shot.reshape(-1, 3), axis=0)) > 500
         assert (shot[300:].reshape(-1, 3).std(axis=1) > 0).mean() > 0.02  # coloured pixels below the header
+
+
+def test_dialogue_sample_through_segment_prompts_keep_the_roles(ray_driver, tmp_path):
+    """The bundled progressive dialogues through `rea2seg segment -v`: the debug log shows the discovery and scorer
+    prompts as real chat turns (the assistant's question in its own turn), and every dialogue is answered."""
+    from rea2seg_ray.datasets import DIALOGUE_SAMPLE
+
+    out = tmp_path / "out"
+    r = run_cli("segment", "-v", f"input={DIALOGUE_SAMPLE / 'manifest.jsonl'}", f"output={out}",
+                f"ray.address={ray_driver['address']}", "ray.progress_bars=false", "gallery.enabled=false")  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "4 written: 4 ok, 0 error" in r.stdout
+    turn = "<|im_start|>assistant\\nSure. What colour is it?<|im_end|>\\n<|im_start|>user\\nIt is "
+    discovery = [
+        line
+        for line in r.stderr.splitlines()
+        if "DEBUG rea2seg.discovery.attention: discovery prompt" in line
+    ]
+    scorer = [line for line in r.stderr.splitlines() if "DEBUG rea2seg.scoring.scorer: scorer prompt" in line]
+    assert any(turn in line for line in discovery), r.stderr[-3000:]
+    assert any(turn in line and "Question: It is" in line for line in scorer), r.stderr[-3000:]
+    rows = read_local(out)
+    assert len(rows) == 4 and all(r["status"] == "ok" and "assistant: Sure." in r["question"] for r in rows)

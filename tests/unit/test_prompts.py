@@ -134,3 +134,21 @@ def test_noun_phrases_from_the_concept_answer():
     assert parse_noun_phrases("the small red thing at the far left of the table", 3, max_words=4) == [
         "the small red thing"
     ]
+
+
+def test_dialogue_messages_keep_roles_and_share_the_image_prefix():
+    from rea2seg_ray.scoring.prompts import candidate_messages, dialogue_messages, dialogue_turns
+
+    conv = [{"role": "human", "content": "I need a shape."}, {"role": "gpt", "content": "Which colour?"},
+            {"role": "user", "content": "Red."}, {"role": "assistant", "content": "ignored"}]  # fmt: skip
+    assert [t["role"] for t in dialogue_turns(conv)] == ["user", "assistant", "user"]
+    assert dialogue_turns("Where is it?") == [{"role": "user", "content": "Where is it?"}]
+    msgs = candidate_messages(conv, "overlay")
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user"]
+    assert msgs[0]["content"][0] == {"type": "image"} and msgs[0]["content"][1]["text"] == "I need a shape."
+    assert msgs[2]["content"][0]["text"] == "Question: Red.\n" and msgs[2]["content"][-1] == {"type": "image"}
+    # a question is one user turn, exactly as before dialogues existed
+    (one,) = candidate_messages("Where is it?", "overlay")
+    assert [c.get("text", "image") for c in one["content"]][:2] == ["image", "Question: Where is it?\n"]
+    braces = dialogue_messages("q", [], "{question} {{json}}", [])
+    assert braces[0]["content"][0]["text"] == "q {json}"

@@ -42,3 +42,18 @@ def test_bundled_sample_scenes_match_the_generator(tmp_path):
         a = np.asarray(Image.open(p.with_suffix(".jpg")), dtype=np.int16)
         b = np.asarray(Image.open(tmp_path / p.with_suffix(".jpg").name), dtype=np.int16)
         assert np.abs(a - b).max() <= 2  # JPEG codecs may differ by a level
+
+
+def test_bundled_dialogues_match_the_generator_and_narrow_down(tmp_path):
+    from rea2seg_ray.datasets import DIALOGUE_SAMPLE
+    from rea2seg_ray.datasets.synthetic import DIALOGUE
+
+    out = write_scenes(tmp_path, 4, seed=0, categories=[DIALOGUE], name="manifest")
+    assert out.read_text() == (DIALOGUE_SAMPLE / "manifest.jsonl").read_text()
+    for q in read_queries(str(DIALOGUE_SAMPLE / "manifest.jsonl")):
+        roles = [t["role"] for t in q.conversation]
+        assert roles[0] == "user" and roles[-1] == "user" and "assistant" in roles and q.category == DIALOGUE
+        named = q.meta["reasoning"].removeprefix("The question asks for the ").rstrip(".")
+        colour, shape = named.split(" ", 1)
+        assert f"It is {colour}." in [t["content"] for t in q.conversation]
+        assert load_ground_truth(q).sum() > 0
