@@ -59,6 +59,7 @@ QUERY_FIELDS = [
     ("category", pa.string()),
     ("gt_json", pa.string()),
     ("gt_mask", MASK_TYPE),
+    ("gt_instances", pa.list_(MASK_TYPE)),  # ground truth as separate instances (several objects answer it)
     ("candidates", pa.list_(MASK_TYPE)),  # given candidate masks (source `given`), at the original size
     ("candidate_descriptions", pa.list_(pa.string())),
     ("reasoning", pa.string()),  # the manifest's chain of thought (`reasoning` or `cot`), for training data
@@ -115,7 +116,8 @@ class Query:
             "query_id": self.query_id, "image": self.image, "question": self.question,
             "conversation": [{"role": str(t.get("role", "user")), "content": str(t.get("content", ""))} for t in conv]
             if conv is not None else None,
-            "category": self.category, "gt_json": self.gt_json, "gt_mask": self.gt_mask, "candidates": self.candidates,
+            "category": self.category, "gt_json": self.gt_json, "gt_mask": self.gt_mask,
+            "gt_instances": self.gt_instances, "candidates": self.candidates,
             "candidate_descriptions": m.get("candidate_descriptions"),
             "reasoning": str(m.get("reasoning") or m.get("cot") or "") or None,
             "source": source, "row": row, "error": m.get("error"),
@@ -133,6 +135,7 @@ class Query:
             query_id=d["query_id"], image=d.get("image") or "", question=d.get("question") or "",
             conversation=d.get("conversation"), category=d.get("category") or "", gt_json=d.get("gt_json"),
             gt_mask=dict(d["gt_mask"]) if d.get("gt_mask") else None,
+            gt_instances=[dict(m) for m in d["gt_instances"]] if d.get("gt_instances") else None,
             candidates=[dict(c) for c in d["candidates"]] if d.get("candidates") is not None else None, meta=meta,
         )  # fmt: skip
 

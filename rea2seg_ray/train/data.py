@@ -125,16 +125,20 @@ def _examples(
 ) -> list[dict]:  # fmt: skip
     if q.gt_mask:
         gt = decode_rle(q.gt_mask).astype(np.uint8)
+    elif q.gt_instances:
+        gt = np.logical_or.reduce([decode_rle(r) for r in q.gt_instances]).astype(np.uint8)
     elif q.gt_json:
         gt = gt_mask_from_annotation(load_annotation(q.gt_json), *shape)
     else:
         return []
     examples = []
+    instances = [decode_rle(r).astype(np.uint8) for r in q.gt_instances] if q.gt_instances else [gt]
     described = _described(q, shape)
     for k, c in enumerate(found):
         cand = Candidate.from_row(c).at_size(shape)
         m = decode_rle(cand.mask)
-        iou = iou_from_iu(*intersection_union(m, gt))
+        # Several objects answer the question: a candidate is right when it is one of them.
+        iou = max(iou_from_iu(*intersection_union(m, g)) for g in instances) if instances else 0.0
         lab = label_for(iou, pos_iou, neg_iou)
         if lab is None:
             continue
