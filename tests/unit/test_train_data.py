@@ -161,3 +161,28 @@ def test_export_records_the_prompt_settings_to_serve_with():
     )
     assert serving_overrides(cfg) == {"show_original": False, "reasoning": True}
     assert serving_overrides(load_config(FinetuneConfig, None, ["data=d", "output=o"])) == {}
+
+
+def test_each_instance_of_a_multi_object_answer_is_a_yes():
+    """With gt_instances a candidate is labelled by the instance it overlaps best: one of several red shapes is a
+    right answer (its IoU with the union alone would make it a No); the conversation rides along."""
+    import pyarrow as pa
+
+    from rea2seg_ray.masks import encode_rle, mask_bbox
+    from rea2seg_ray.records import Candidate, Query
+    from rea2seg_ray.runtime.inputs import IMAGE_ROW_SCHEMA
+    from rea2seg_ray.train.data import label_batch
+
+    h, w = 40, 60
+    a, b, c = (np.zeros((h, w), bool) for _ in range(3))
+    a[2:12, 2:12], b[20:30, 30:40], c[30:38, 2:10] = True, True, True
+    conv = [{"role": "user", "content": "Shapes?"}, {"role": "assistant", "content": "Which?"},
+            {"role": "user", "content": "All the red ones."}]  # fmt: skip
+    q = Query("m1", "img.png", conversation=conv, gt_instances=[encode_rle(a), encode_rle(b)])
+    cands = [Candidate(mask=encode_rle(m), bbox=mask_bbox(m), area=int(m.sum())).to_row() for m in (a, b, c)]
+    row = {"image_uri": "img.png", "part": 0, "queries": [dict(q.to_struct(), found=cands)], "height": h, "width": w,
+           "proc_h": h, "proc_w": w, "image": bytes(h * w * 3)}  # fmt: skip
+    out = label_batch(pa.Table.from_pylist([row], schema=IMAGE_ROW_SCHEMA), 0.7, 0.3, 0, True, 0).to_pylist()
+    assert {r["example_id"]: (r["label"], r["iou"]) for r in out} == {
+        "m1#0": ("Yes", 1.0), "m1#1": ("Yes", 1.0), "m1#2": ("No", 0.0)}  # fmt: skip
+    assert out[0]["conversation"] == conv
