@@ -15,8 +15,10 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from pycocotools import mask as coco
@@ -41,7 +43,9 @@ def seg_cfg(cluster, *overrides) -> SegmentConfig:
 
 
 def read_local(out: Path) -> list[dict]:
-    return pads.dataset(str(out / "predictions"), format="parquet").to_table().to_pylist()
+    """The rows of a run's output: its *.parquet files (not the *.parquet.torn ones a rerun set aside)."""
+    files = sorted(str(p) for p in (out / "predictions").glob("*.parquet"))
+    return pads.dataset(files, format="parquet").to_table().to_pylist()
 
 
 def check_masks(rows: list[dict]) -> None:
@@ -232,8 +236,15 @@ def test_rerun_adds_nothing_and_a_cut_short_run_resumes_to_the_full_set(ray_driv
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver dies; Ray reclaims its actors
     proc.wait()
-    partial = len(read_local(out)) if list((out / "predictions").glob("*.parquet")) else 0
-    assert 0 < partial < 24, f"expected a cut-short run, found {partial} rows"
+    # The kill may land mid-write: a torn file is not output (the rerun sets it aside and redoes its rows).
+    readable = []
+    for f in sorted((out / "predictions").glob("*.parquet")) if (out / "predictions").exists() else []:
+        try:
+            readable += pq.read_table(f).column("query_id").to_pylist()
+        except pa.ArrowInvalid:
+            pass
+    partial = len(readable)
+    assert partial < 24, f"expected a cut-short run, found {partial} rows"
 
     s = run_segment(seg_cfg(ray_driver, *args[:-2]))
     rows = read_local(out)
@@ -349,14 +360,11 @@ def test_dialogue_sample_through_segment_prompts_keep_the_roles(ray_driver, tmp_
                 f"ray.address={ray_driver['address']}", "ray.progress_bars=false", "gallery.enabled=false")  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "4 written: 4 ok, 0 error" in r.stdout
-    turn = "<|im_start|>assistant\\nSure. What colour is it?<|im_end|>\\n<|im_start|>user\\nIt is "
-    discovery = [
-        line
-        for line in r.stderr.splitlines()
-        if "DEBUG rea2seg.discovery.attention: discovery prompt" in line
-    ]
-    scorer = [line for line in r.stderr.splitlines() if "DEBUG rea2seg.scoring.scorer: scorer prompt" in line]
-    assert any(turn in line for line in discovery), r.stderr[-3000:]
-    assert any(turn in line and "Question: It is" in line for line in scorer), r.stderr[-3000:]
+    asked = "<|im_start|>assistant\\nSure. What colour is it?<|im_end|>\\n<|im_start|>user\\n"
+    logs = (r.stdout + r.stderr).splitlines()  # the actors' log lines, forwarded by Ray to the driver
+    discovery = [line for line in logs if "DEBUG rea2seg.discovery.attention: discovery prompt" in line]
+    scorer = [line for line in logs if "DEBUG rea2seg.scoring.scorer: scorer prompt" in line]
+    assert any(asked + "It is " in line for line in discovery), r.stderr[-3000:]
+    assert any(asked + "Question: It is " in line for line in scorer), r.stderr[-3000:]
     rows = read_local(out)
     assert len(rows) == 4 and all(r["status"] == "ok" and "assistant: Sure." in r["question"] for r in rows)
