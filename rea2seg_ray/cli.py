@@ -40,6 +40,11 @@ def setup_logging(verbosity: int) -> None:
     configure_logging(level)
 
 
+def read_args(cfg) -> dict:
+    """How a command's config says to read its dataset: ``read_queries``' arguments."""
+    return dict(format=cfg.format, texts=cfg.texts, split=cfg.split, images=cfg.images)
+
+
 def cmd_build_tiny_models(cfg: BuildTinyModelsConfig) -> int:
     from .models.loading import tiny_model_dir
     from .models.tiny import build_tiny_models
@@ -79,14 +84,13 @@ def cmd_evaluate(cfg: EvaluateConfig) -> int:
         write_report,
     )
 
-    read_args = dict(fmt=cfg.format, texts=cfg.texts, split=cfg.split, images=cfg.images)
     preds = read_predictions(cfg.predictions)
-    metrics, scores = evaluate_predictions(preds, cfg.dataset, k=cfg.k, **read_args)
+    metrics, scores = evaluate_predictions(preds, cfg.dataset, k=cfg.k, **read_args(cfg))
     del preds
     paths = write_report(metrics, scores, cfg.output, k=cfg.k, title=cfg.title)
     gallery = write_gallery(
         cfg.gallery, cfg.predictions, cfg.output, scores, cfg.dataset, [f"../plots/{n}" for n in PLOTS],
-        cfg.title, **read_args,
+        cfg.title, **read_args(cfg),
     )  # fmt: skip
     print(render_markdown(metrics, k=cfg.k, title=cfg.title))
     print(f"metrics: {paths['metrics.json']}\nreport:  {paths['report.md']}")
@@ -114,12 +118,11 @@ def cmd_segment(cfg: SegmentConfig) -> int:
     if cfg.dry_run:
         return 0
     pred_uri = predictions_uri(cfg)
-    read_args = dict(fmt=cfg.format, texts=cfg.texts, split=cfg.split, images=cfg.images)
     scores, plots = None, None
     if cfg.evaluate:
         try:
             metrics, scores = evaluate_predictions(
-                read_predictions(pred_uri), summary.input, limit=cfg.limit, **read_args
+                read_predictions(pred_uri), summary.input, limit=cfg.limit, **read_args(cfg)
             )
         except DatasetError as e:
             log.info("no evaluation: %s", e)
@@ -129,7 +132,7 @@ def cmd_segment(cfg: SegmentConfig) -> int:
             print(render_markdown(metrics))
             print(f"[rea2seg] metrics: {paths['metrics.json']}")
     gallery = write_gallery(
-        cfg.gallery, pred_uri, cfg.output, scores, summary.input if scores else "", plots, **read_args
+        cfg.gallery, pred_uri, cfg.output, scores, summary.input if scores else "", plots, **read_args(cfg)
     )
     if gallery:
         print(f"[rea2seg] gallery: {gallery}")
@@ -141,7 +144,7 @@ def cmd_export_coco(cfg) -> int:
 
     ids = None
     if cfg.dataset:
-        ids = dataset_ids(cfg.dataset, fmt=cfg.format, texts=cfg.texts, split=cfg.split, images=cfg.images)
+        ids = dataset_ids(cfg.dataset, **read_args(cfg))
     c = export_coco(cfg.predictions, cfg.output, all_candidates=cfg.all_candidates, ids=ids)
     print(
         f"[rea2seg] COCO results: {cfg.output}: {c['results']} results from {c['queries']} queries "

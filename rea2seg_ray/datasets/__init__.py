@@ -86,16 +86,17 @@ def image_size(uri: str) -> tuple[int, int]:
     return h, w
 
 
-def load_ground_truth(q: Query) -> np.ndarray | None:
+def load_ground_truth(q: Query, shape: tuple[int, int] | None = None) -> np.ndarray | None:
     """(H, W) uint8 ground truth {0, 1, 255} for a query, or None when it has none. With only ``gt_instances``,
-    their union."""
+    their union. ``shape`` (H, W): the image's size when the caller knows it (a LISA JSON's polygons are drawn at
+    it without reading the image's header)."""
     if q.gt_mask:
         return decode_rle(q.gt_mask).astype(np.uint8)
     if q.gt_instances:
         return np.logical_or.reduce([decode_rle(r) for r in q.gt_instances]).astype(np.uint8)
     if q.gt_json:
         anno = load_annotation(q.gt_json)
-        h, w = image_size(q.image)
+        h, w = shape or image_size(q.image)
         return gt_mask_from_annotation(anno, h, w)
     return None
 

@@ -59,9 +59,9 @@ def manifest_rows(
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DatasetError(f"{uri}: malformed JSON manifest: {e}") from e
+            raise DatasetError(f"{uri}: malformed JSON: {e}") from e
         if not isinstance(data, list):
-            raise DatasetError(f"{uri}: a .json manifest must be a list of rows")
+            raise DatasetError(f"{uri}: a .json file must be a list of rows")
         for i, row in enumerate(data):
             yield i + 1, row
         return

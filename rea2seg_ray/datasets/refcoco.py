@@ -23,11 +23,11 @@ import posixpath
 from collections.abc import Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 from pycocotools import mask as mask_utils
 
 from .. import storage
 from ..records import Query
+from .manifest import manifest_rows
 from .reasonseg import DatasetError
 
 REFS_EXTS = (".json", ".parquet")
@@ -83,25 +83,14 @@ def load_instances(uri: str) -> tuple[dict[int, dict], dict[int, dict]]:
     return {int(a["id"]): a for a in data["annotations"]}, {int(i["id"]): i for i in data["images"]}
 
 
-def iter_refs(uri: str, read=None) -> Iterator[dict]:
-    """The ref records of a refs file (JSON list, or Parquet read batch by batch). ``read()``: the file's bytes
-    (default: read through storage)."""
-    raw = read() if read else storage.read_bytes(uri)
-    if uri.lower().endswith(".parquet"):
-        try:
-            pf = pq.ParquetFile(io.BytesIO(raw))
-            for batch in pf.iter_batches(batch_size=4096):
-                yield from batch.to_pylist()
-        except Exception as e:
-            raise DatasetError(f"{uri}: not a readable Parquet file: {e}") from e
-        return
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{uri}: malformed JSON: {e}") from e
-    if not isinstance(data, list):
-        raise DatasetError(f"{uri}: a RefCOCO refs file is a list of refs")
-    yield from data
+def iter_refs(uri: str, source=None) -> Iterator[dict]:
+    """The ref records of a refs file (a JSON list, or Parquet row group by row group), read as manifests are
+    (``manifest_rows``). ``source``: the file, open and seekable (default: read through storage)."""
+    f = source if source is not None else io.BytesIO(storage.read_bytes(uri))
+    for _, ref in manifest_rows(f.read, uri, lambda: f):
+        if isinstance(ref, Exception):
+            raise ref
+        yield ref
 
 
 def _record(ref: dict, key: str, raw_key: str, table: dict[int, dict] | None, where: str) -> dict:
@@ -174,7 +163,7 @@ def instances_beside(refs_uri: str) -> str | None:
 
 
 def iter_refcoco(
-    refs_uri: str, split: str = "", images: str = "", strict: bool = True, read=None
+    refs_uri: str, split: str = "", images: str = "", strict: bool = True, source=None
 ) -> Iterator[Query]:
     """Yield the queries of a refs file (see the module docstring). ``strict``: raise on a bad ref; else yield an
     error Query for it (the pipeline turns it into an error row)."""
@@ -182,7 +171,7 @@ def iter_refcoco(
     inst = instances_beside(refs_uri)
     anns, imgs = load_instances(inst) if inst else (None, None)
     root = images_folder(refs_uri, images)
-    for n, ref in enumerate(iter_refs(refs_uri, read)):
+    for n, ref in enumerate(iter_refs(refs_uri, source)):
         where = f"{refs_uri} ref {n + 1}"
         try:
             yield from ref_queries(ref, where, root, anns, imgs, split)

@@ -49,6 +49,20 @@ def listing(uri: str) -> list[pafs.FileInfo]:
     return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
 
 
+def predictions_files(uri: str) -> list[pafs.FileInfo]:
+    """The Parquet files of a predictions folder (a file itself, a folder, a prefix; empty when there is none)."""
+    return [i for i in listing(uri) if i.path.endswith(".parquet")]
+
+
+def predictions_dataset(uri: str):
+    """The predictions under ``uri`` as one ``pyarrow.dataset`` (read lazily, column by column), or None."""
+    import pyarrow.dataset as pads
+
+    files = [i.path for i in predictions_files(uri)]
+    fs, _ = storage.filesystem(uri)
+    return pads.dataset(files, filesystem=fs, format="parquet") if files else None
+
+
 FORMATS = ("auto", "jsonl", "json", "parquet", "manifest", "reasonseg", "refcoco")
 
 

@@ -31,12 +31,12 @@ def stable_category_id(name: str) -> int:
 
 
 def dataset_ids(dataset: str, **read_args) -> dict[str, tuple[int | None, int | None]]:
-    """{query_id: (image_id, category_id)} from an input's rows (None where a row has none)."""
+    """{query_id: (image_id, category_id)} from an input's rows (None where a row has none); ``read_args``: those
+    of ``read_queries``."""
     from ..datasets import read_queries
 
-    fmt = read_args.pop("fmt", "auto")
     out = {}
-    for q in read_queries(dataset, format=fmt, strict=False, **read_args):
+    for q in read_queries(dataset, strict=False, **read_args):
         img, cat = q.meta.get("image_id"), q.meta.get("category_id")
         out[q.query_id] = (int(img) if img is not None else None, int(cat) if cat is not None else None)
     return out
@@ -45,15 +45,11 @@ def dataset_ids(dataset: str, **read_args) -> dict[str, tuple[int | None, int | 
 def export_coco(predictions: str, output: str, all_candidates: bool = False, ids: dict | None = None) -> dict:
     """Write the results file ``output`` (local or s3://); returns counts: results, queries, errors (left out),
     stable_ids (results whose ids were made here, listed in ``<output>.ids.json``)."""
-    import pyarrow.dataset as pads
+    from ..datasets.shards import predictions_dataset
 
-    from ..datasets.shards import listing
-
-    files = [i.path for i in listing(predictions) if i.path.endswith(".parquet")]
-    if not files:
+    ds = predictions_dataset(predictions)
+    if ds is None:
         raise FileNotFoundError(f"predictions not found: {predictions} (no *.parquet)")
-    fs_in, _ = storage.filesystem(predictions)
-    ds = pads.dataset(files, filesystem=fs_in, format="parquet")
     cols = [c for c in COLUMNS if c != "candidates" or all_candidates]
     images: dict[str, int] = {}
     categories: dict[str, int] = {}

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import numpy as np
 
 from .. import get_logger, storage
+from ..datasets.shards import predictions_dataset
 from ..records import Prediction
 from .metrics import QueryScore
 
@@ -32,16 +33,6 @@ GT_COLOUR = (60, 220, 75)  # ground-truth outline (green, unlike every scorer ov
 
 def _hash(query_id: str, seed: int) -> int:
     return int.from_bytes(hashlib.sha1(f"{seed}:{query_id}".encode()).digest()[:8], "big")
-
-
-def _dataset(pred_uri: str):
-    import pyarrow.dataset as pads
-
-    from ..datasets.shards import listing
-
-    files = [i.path for i in listing(pred_uri) if i.path.endswith(".parquet")]
-    fs, _ = storage.filesystem(pred_uri)
-    return pads.dataset(files, filesystem=fs, format="parquet") if files else None
 
 
 def allocate(counts: dict, total: int) -> dict:
@@ -70,7 +61,7 @@ def sample_ids(pred_uri: str, max_queries: int, seed: int = 0) -> tuple[list[str
     """(the ids the gallery shows, how many rows the predictions hold): every query when the run has at most
     ``max_queries``, else a stratified sample (see the module docstring). Reads the ``query_id``, ``category`` and
     ``status`` columns only."""
-    ds = _dataset(pred_uri)
+    ds = predictions_dataset(pred_uri)
     if ds is None:
         return [], 0
     counts: dict[tuple[str, str], int] = {}
@@ -95,7 +86,7 @@ def sample_ids(pred_uri: str, max_queries: int, seed: int = 0) -> tuple[list[str
 def read_rows(pred_uri: str, ids: list[str]) -> list[Prediction]:
     import pyarrow.compute as pc
 
-    ds = _dataset(pred_uri)
+    ds = predictions_dataset(pred_uri)
     if ds is None or not ids:
         return []
     table = ds.to_table(filter=pc.field("query_id").isin(ids))
@@ -127,7 +118,7 @@ def render_item(
 ) -> dict:
     """Draw one query's pictures under ``<out_dir>/img/`` and return its entry of the page's data."""
     from ..images import decode, fetch
-    from ..scoring.render import fit_mask, outline, overlay, resize_once
+    from ..scoring.render import fit_array, fit_mask, outline, overlay, resize_once
 
     item = {
         "id": p.query_id, "question": p.question, "category": p.category or "", "status": p.status,
@@ -152,7 +143,7 @@ def render_item(
     else:
         main = base.copy()
     if gt is not None:
-        main[outline(_fit(gt == 1, base.shape), 1)] = GT_COLOUR
+        main[outline(fit_array(gt == 1, base.shape[:2]), 1)] = GT_COLOUR
     item["image"] = f"img/{name}.jpg"
     _jpeg(main, storage.join(out_dir, item["image"]))
     thumb_base = resize_once(image, 160)
@@ -169,14 +160,6 @@ def render_item(
             entry["iou"] = round(score.candidate_ious[c.rank], 6)
         item["candidates"].append(entry)
     return item
-
-
-def _fit(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """A full-size bool mask at ``shape[:2]`` (nearest neighbour at pixel centres, as ``fit_mask``)."""
-    h, w = shape[:2]
-    ys = np.minimum(((np.arange(h) + 0.5) * mask.shape[0] / h).astype(np.int64), mask.shape[0] - 1)
-    xs = np.minimum(((np.arange(w) + 0.5) * mask.shape[1] / w).astype(np.int64), mask.shape[1] - 1)
-    return mask[ys[:, None], xs[None, :]]
 
 
 def build_gallery(

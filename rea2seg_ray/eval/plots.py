@@ -20,7 +20,7 @@ PLOTS = {
     "score_vs_iou.png": "scorer score against IoU (calibration)",
     "candidates_per_query.png": "candidates per query",
 }
-LEVEL_COLOURS = {"top1": "#0082c8", "topk": "#3cb44b", "oracle": "#aaaaaa"}
+TOP1_COLOUR = "#0082c8"
 
 
 def _figure(width: float = 6.4, height: float = 3.6):
@@ -42,30 +42,24 @@ def _save(plt, fig, uri: str) -> None:
     storage.write_bytes(uri, buf.getvalue())
 
 
-def category_order(metrics: dict) -> list[str]:
-    from .report import CATEGORY_ORDER
-
-    return sorted(
-        metrics["by_category"], key=lambda c: (CATEGORY_ORDER.index(c) if c in CATEGORY_ORDER else 99, c)
-    )
-
-
 def write_plots(metrics: dict, scores: list[QueryScore], output: str, k: int = 3) -> dict[str, str]:
     """Write the four plots under ``<output>/plots/`` (local or s3://). Returns {file name: URI}."""
     import numpy as np
 
+    from .report import category_order
+
     paths = {name: storage.join(output, "plots", name) for name in PLOTS}
     cats = category_order(metrics)
     groups = [*cats, "overall"]
-    levels = [("top1", "top-1"), (f"top{k}", f"top-{k}"), ("oracle", "oracle")]
+    levels = [
+        ("top1", "top-1", TOP1_COLOUR),
+        (f"top{k}", f"top-{k}", "#3cb44b"),
+        ("oracle", "oracle", "#aaaaaa"),
+    ]
     plt, fig, ax = _figure(max(6.4, 1.1 * len(groups) + 2))
     x = np.arange(len(groups))
-    for j, (lv, label) in enumerate(levels):
-        vals = [
-            100 * (metrics["by_category"][c][lv] if c != "overall" else metrics[lv])["giou"] for c in cats
-        ]
-        vals.append(100 * metrics[lv]["giou"])
-        colour = LEVEL_COLOURS["topk" if lv.startswith("top") and lv != "top1" else lv]
+    for j, (lv, label, colour) in enumerate(levels):
+        vals = [100 * metrics["by_category"][c][lv]["giou"] for c in cats] + [100 * metrics[lv]["giou"]]
         ax.bar(x + (j - 1) * 0.27, vals, 0.27, label=label, color=colour)
     ax.set_xticks(
         x, [f"{g}\n(n={metrics['by_category'][g]['n'] if g != 'overall' else metrics['n']})" for g in groups]
@@ -77,7 +71,7 @@ def write_plots(metrics: dict, scores: list[QueryScore], output: str, k: int = 3
     _save(plt, fig, paths["giou_by_category.png"])
 
     plt, fig, ax = _figure()
-    ax.hist([s.iou("top1") for s in scores], bins=np.linspace(0, 1, 21), color=LEVEL_COLOURS["top1"])
+    ax.hist([s.iou("top1") for s in scores], bins=np.linspace(0, 1, 21), color=TOP1_COLOUR)
     ax.set_xlabel("top-1 IoU")
     ax.set_ylabel("queries")
     ax.set_title(f"{PLOTS['iou_histogram.png']} ({len(scores)} queries)")
@@ -89,7 +83,7 @@ def write_plots(metrics: dict, scores: list[QueryScore], output: str, k: int = 3
     ax.scatter(sc, ious, s=10, alpha=0.5, color="#888888", label="candidate")
     top = [(s.candidate_scores[0], s.candidate_ious[0]) for s in scores if s.candidate_scores]
     if top:
-        ax.scatter(*zip(*top, strict=True), s=14, color=LEVEL_COLOURS["top1"], label="top-1")
+        ax.scatter(*zip(*top, strict=True), s=14, color=TOP1_COLOUR, label="top-1")
     ax.set_xlabel("scorer score")
     ax.set_ylabel("IoU with ground truth")
     ax.set_ylim(-0.02, 1.02)

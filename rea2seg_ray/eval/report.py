@@ -38,18 +38,13 @@ def read_predictions(uri: str) -> dict[str, Prediction]:
 def evaluate_predictions(
     predictions: dict[str, Prediction],
     dataset: str,
-    fmt: str = "auto",
-    texts: str = "first",
     k: int = 3,
-    limit: int = 0,
-    split: str = "",
-    images: str = "",
+    **read_args,
 ) -> tuple[dict, list[QueryScore]]:
-    """Score every ground-truth query of ``dataset``; a query with no (or a failed) prediction scores 0."""
+    """Score every ground-truth query of ``dataset`` (read with ``read_queries``' ``read_args``: format, texts,
+    limit, split, images); a query with no (or a failed) prediction scores 0."""
     scores: list[QueryScore] = []
-    for q in read_queries(
-        dataset, format=fmt, texts=texts, limit=limit, strict=True, split=split, images=images
-    ):
+    for q in read_queries(dataset, strict=True, **read_args):
         gt = load_ground_truth(q)
         if gt is None:
             raise DatasetError(f"query {q.query_id} in {dataset} has no ground truth (gt_json or gt_mask)")
@@ -64,11 +59,16 @@ def _pct(v: float) -> str:
     return f"{100 * v:.1f}"
 
 
-def render_markdown(metrics: dict, k: int = 3, title: str = "Rea2Seg") -> str:
-    """Rows: top-1, top-k, oracle; columns: gIoU and cIoU per category, then overall (percent)."""
-    cats = sorted(
+def category_order(metrics: dict) -> list[str]:
+    """The categories of a metrics dict in the paper's order (others after, by name)."""
+    return sorted(
         metrics["by_category"], key=lambda c: (CATEGORY_ORDER.index(c) if c in CATEGORY_ORDER else 99, c)
     )
+
+
+def render_markdown(metrics: dict, k: int = 3, title: str = "Rea2Seg") -> str:
+    """Rows: top-1, top-k, oracle; columns: gIoU and cIoU per category, then overall (percent)."""
+    cats = category_order(metrics)
     head = (
         "| method | " + " | ".join(f"{c} gIoU | {c} cIoU" for c in cats) + " | overall gIoU | overall cIoU |"
     )
@@ -151,17 +151,16 @@ def write_gallery(
     **read_args,
 ) -> str | None:
     """``<output>/gallery/index.html`` for ``GalleryConfig`` ``gallery`` (None when disabled). With ``scores`` and
-    ``dataset`` (read with ``read_args``: fmt, texts, split, images) the page shows IoU and ground-truth outlines."""
+    ``dataset`` (read with ``read_queries``' ``read_args``) the page shows IoU and ground-truth outlines."""
     from .gallery import build_gallery
 
     if not gallery.enabled:
         return None
 
     def ground_truth(ids: set[str]) -> dict:
-        fmt = read_args.get("fmt", "auto")
-        args = {k: v for k, v in read_args.items() if k != "fmt"}
-        return {q.query_id: load_ground_truth(q) for q in read_queries(dataset, format=fmt, **args)
-                if q.query_id in ids}  # fmt: skip
+        return {
+            q.query_id: load_ground_truth(q) for q in read_queries(dataset, **read_args) if q.query_id in ids
+        }
 
     return build_gallery(
         predictions, output, max_queries=gallery.max_queries, thumbs=gallery.candidates,

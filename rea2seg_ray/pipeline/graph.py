@@ -20,9 +20,10 @@ import pyarrow as pa
 from .. import get_logger, provenance, storage
 from ..config import PoolConfig, SegmentConfig
 from ..datasets import SAMPLE_SCENES, InputSpec, resolve_input
+from ..datasets.shards import predictions_files
 from ..records import PREDICTIONS_SCHEMA
 from ..runtime import init_ray, pool_args, worker_env
-from ..runtime.inputs import count_queries, image_dataset, predictions_files
+from ..runtime.inputs import count_queries, image_dataset
 from ..runtime.stages import discovered_dataset
 from . import lease as leases
 from .stages import ScoreStage, summarize

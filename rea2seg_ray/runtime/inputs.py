@@ -29,7 +29,7 @@ from .. import get_logger, storage
 from ..datasets.manifest import manifest_rows, row_to_query
 from ..datasets.reasonseg import IMAGE_EXTS, DatasetError, annotation_queries, parse_annotation
 from ..datasets.refcoco import iter_refcoco
-from ..datasets.shards import InputSpec, listing, scheme_of
+from ..datasets.shards import InputSpec, predictions_files, scheme_of
 from ..records import QUERY_FIELDS, QUERY_TYPE
 
 log = get_logger(__name__)
@@ -194,7 +194,7 @@ class RefCOCODatasource(_RandomAccess):
         uri = self.scheme + path
         chunk: list[dict] = []
         try:
-            for n, q in enumerate(iter_refcoco(uri, self.split, self.images, strict=False, read=f.read)):
+            for n, q in enumerate(iter_refcoco(uri, self.split, self.images, strict=False, source=f)):
                 chunk.append(q.to_struct(uri, n + 1))
                 if len(chunk) >= CHUNK_ROWS:
                     yield query_table(chunk)
@@ -247,11 +247,6 @@ def query_dataset(spec: InputSpec, texts: str = "first", limit: int = 0):
         source = ManifestDatasource(paths, scheme, filesystem=fs)
     ds = ray.data.read_datasource(source, override_num_blocks=min(len(paths), 1024))
     return ds.limit(limit) if limit else ds
-
-
-def predictions_files(uri: str) -> list[pafs.FileInfo]:
-    """The Parquet files of a predictions folder (empty when there is none)."""
-    return [i for i in listing(uri) if i.path.endswith(".parquet")]
 
 
 def done_dataset(pred_uri: str, filesystem: pafs.FileSystem | None = None):

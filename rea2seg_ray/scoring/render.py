@@ -38,12 +38,18 @@ def _nearest_index(src: int, dst: int) -> np.ndarray:
     return np.minimum(((np.arange(dst) + 0.5) * src / dst).astype(np.int64), src - 1)
 
 
+def fit_array(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """An (h, w) mask brought to ``shape`` (H, W) with nearest-neighbour resampling (pixel centres)."""
+    if mask.shape == tuple(shape):
+        return mask
+    return mask[
+        _nearest_index(mask.shape[0], shape[0])[:, None], _nearest_index(mask.shape[1], shape[1])[None, :]
+    ]
+
+
 def fit_mask(rle: dict, shape: tuple[int, int]) -> np.ndarray:
-    """Decode an RLE and bring it to ``shape`` (H, W) with nearest-neighbour resampling (pixel centres)."""
-    m = decode_rle(rle)
-    if m.shape != shape:
-        m = m[_nearest_index(m.shape[0], shape[0])[:, None], _nearest_index(m.shape[1], shape[1])[None, :]]
-    return m
+    """Decode an RLE and bring it to ``shape`` (H, W) (``fit_array``)."""
+    return fit_array(decode_rle(rle), shape)
 
 
 def outline(mask: np.ndarray, width: int = 2) -> np.ndarray:

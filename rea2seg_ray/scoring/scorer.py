@@ -37,8 +37,6 @@ from .render import render_query, resize_once
 
 log = get_logger(__name__)
 
-SELECT_MODES = ("top1", "threshold", "count")
-
 
 def rerank(candidates: list[Candidate], top_k: int = 0) -> list[Candidate]:
     """Stable sort by score (high first; NaN, i.e. unscorable, last), ties broken by the discovery prior; ranks
@@ -98,8 +96,6 @@ class Scorer:
             raise ValueError(f"scoring.mode must be per_candidate or comparative, not {cfg.mode!r}")
         if cfg.answer not in ("yesno", "numeric"):
             raise ValueError(f"scoring.answer must be yesno or numeric, not {cfg.answer!r}")
-        if cfg.select not in SELECT_MODES:
-            raise ValueError(f"scoring.select must be one of {', '.join(SELECT_MODES)}, not {cfg.select!r}")
         self.cfg = cfg
         self.model_name = models.scorer
         path = resolve_model(models.scorer, models.cache_dir or None, models.allow_hub)
@@ -148,12 +144,12 @@ class Scorer:
         cfg = self.cfg
         counts = [1] * len(queries)
         if cfg.select == "count":
+            from PIL import Image
+
             todo = [i for i, r in enumerate(ranked) if isinstance(r, list) and r]
             reqs = []
             for i in todo:
                 size = self.input_size(*images[i].shape[:2]) if self.input_size else None
-                from PIL import Image
-
                 base = Image.fromarray(resize_once(images[i], cfg.image_max_side or 448, size))
                 prompt = render_chat(self.processor, count_messages(queries[i].dialogue(), cfg.select_max))
                 reqs.append(ScoreRequest(prompt, [base], [image_key(base)]))

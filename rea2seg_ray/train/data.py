@@ -12,7 +12,7 @@ import hashlib
 import numpy as np
 import pyarrow as pa
 
-from ..datasets import gt_mask_from_annotation, load_annotation
+from ..datasets import load_ground_truth
 from ..masks import decode_rle, intersection_union, iou_from_iu
 from ..records import MASK_TYPE, TURN_TYPE, Candidate, Query
 from ..scoring.prompts import TEMPLATES
@@ -123,13 +123,8 @@ def _examples(
     q: Query, found: list[dict], shape: tuple[int, int], pos_iou: float, neg_iou: float, max_neg_per_pos: float,
     keep_without_positive: bool, seed: int,
 ) -> list[dict]:  # fmt: skip
-    if q.gt_mask:
-        gt = decode_rle(q.gt_mask).astype(np.uint8)
-    elif q.gt_instances:
-        gt = np.logical_or.reduce([decode_rle(r) for r in q.gt_instances]).astype(np.uint8)
-    elif q.gt_json:
-        gt = gt_mask_from_annotation(load_annotation(q.gt_json), *shape)
-    else:
+    gt = load_ground_truth(q, shape)
+    if gt is None:
         return []
     examples = []
     instances = [decode_rle(r).astype(np.uint8) for r in q.gt_instances] if q.gt_instances else [gt]
