@@ -99,6 +99,7 @@ def write_predictions(folder: Path, n: int, rows_per_file: int, rng: np.random.G
             "candidates": pa.ListArray.from_arrays(pa.array(np.arange(0, m * k + 1, k), pa.int32()), cands),
             "scorer_model": pa.array(["scorer"] * m), "discovery_model": pa.array(["discovery"] * m),
             "run_id": pa.array(["bench"] * m),
+            "selected": pa.ListArray.from_arrays(pa.array(np.arange(m + 1), pa.int32()), pa.array(np.zeros(m, np.int32))),
         }  # fmt: skip
         # Real masks are all distinct, so Parquet's dictionary would overflow into plain pages: write them plain
         # (the pool here repeats masks, which a dictionary would shrink to an unrealistically small file).
