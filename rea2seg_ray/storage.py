@@ -2,23 +2,72 @@
 
 S3 endpoint and credentials come from the standard AWS environment (``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``
 for S3-compatible stores, ``AWS_ACCESS_KEY_ID``... or instance roles); they are never logged.
+
+One retry policy (``RETRY``), in two layers, both exponential back-off with jitter and bounded:
+
+1. every S3 request, whoever makes it (this module, Ray Data's reads and Parquet writes, Ray Train's checkpoint
+   uploads: they all get their filesystem from ``filesystem``), is retried by the S3 client itself
+   (``client_attempts``, the AWS SDK's standard strategy: 500 / 503 SlowDown / reset connections);
+2. each whole operation of this module (a read, a write, a listing) that still fails is retried ``attempts`` times
+   with full-jitter back-off (``base_delay_s`` doubling, capped at ``max_delay_s``); Ray Data's readers and writers
+   do the same with their own retry on the same error kinds (``IO_RETRY_PATTERNS``, installed by ``init_ray``).
+
+What still fails names the object and how often it was tried; callers turn it into the affected rows' error (an
+image that cannot be read) or stop the job (an output that cannot be written: a rerun resumes).
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+import random
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
 
 import pyarrow.fs as pafs
 
-T = TypeVar("T")
+from . import get_logger
 
-RETRIES = 4
+T = TypeVar("T")
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How transient storage errors are retried (module docstring: two layers)."""
+
+    attempts: int = (
+        5  # tries of one operation of this module, in all (each try is itself retried by the client)
+    )
+    base_delay_s: float = 0.2  # first back-off bound; doubles per try
+    max_delay_s: float = 5.0  # back-off bound cap: the whole operation gives up within ~attempts x this
+    client_attempts: int = (
+        3  # tries of one S3 request by the S3 client (AWS SDK standard strategy, with jitter)
+    )
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Full jitter: uniform in [0, min(cap, base x 2^attempt)], so clients that failed together spread out."""
+        bound = min(self.max_delay_s, self.base_delay_s * (2**attempt))
+        return (rng or random).uniform(0.0, bound)
+
+
+RETRY = RetryPolicy()
+# Error texts (as pyarrow's S3 client words them) that Ray Data's own readers and writers retry, beside its defaults.
+IO_RETRY_PATTERNS = (
+    "AWS Error INTERNAL_FAILURE",
+    "AWS Error NETWORK_CONNECTION",
+    "AWS Error SLOW_DOWN",
+    "AWS Error SERVICE_UNAVAILABLE",
+    "AWS Error UNKNOWN (HTTP status 500)",
+    "AWS Error UNKNOWN (HTTP status 503)",
+    "AWS Error REQUEST_TIMEOUT",
+    "Connection reset",
+    "Recv failure",
+)
 
 
 def is_remote(uri: str) -> bool:
@@ -37,7 +86,9 @@ def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSyste
         kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
     if region:
         kwargs["region"] = region
-    return pafs.S3FileSystem(**kwargs)
+    return pafs.S3FileSystem(
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=RETRY.client_attempts), **kwargs
+    )
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -54,10 +105,10 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
 
 
-def with_retries(fn: Callable[[], T], what: str, retries: int = RETRIES) -> T:
-    """Retry transient I/O errors (connection resets, throttling) with exponential back-off; not FileNotFoundError."""
-    delay = 0.2
-    for attempt in range(retries + 1):
+def with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy = RETRY) -> T:
+    """Retry transient I/O errors (connection resets, throttling, 5xx) with jittered exponential back-off, at most
+    ``policy.attempts`` tries; a missing, forbidden or wrong-kind object fails at once."""
+    for attempt in range(policy.attempts):
         try:
             return fn()
         except (FileNotFoundError, IsADirectoryError, PermissionError):
@@ -65,10 +116,12 @@ def with_retries(fn: Callable[[], T], what: str, retries: int = RETRIES) -> T:
         except OSError as e:
             if not _transient(e):
                 raise
-            if attempt == retries:
-                raise OSError(f"{what}: still failing after {retries + 1} attempts: {e}") from e
-            time.sleep(delay)
-            delay *= 2
+            if attempt == policy.attempts - 1:
+                raise OSError(f"{what}: still failing after {policy.attempts} attempts: {e}") from e
+            pause = policy.delay(attempt)
+            log.debug("%s: transient error (try %d of %d), retrying in %.2f s: %s", what, attempt + 1,
+                      policy.attempts, pause, e)  # fmt: skip
+            time.sleep(pause)
     raise AssertionError("unreachable")
 
 

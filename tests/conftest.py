@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -104,6 +105,37 @@ def s3_bucket(s3_server, request):
     return name
 
 
+def bench_module(name: str):
+    """A module of bench/ (not a package), imported from its file."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def fault_proxy_process(s3_server):
+    """One fault-injecting proxy (bench/s3_fault_proxy.py) in front of the session's S3 server, stopped by its pid."""
+    proxy = bench_module("s3_fault_proxy").ProxyProcess(s3_server)
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+@pytest.fixture
+def s3_faults(fault_proxy_process):
+    """The fault proxy with faults off and counts zeroed; a test sets its faults (``configure``) and points a job at
+    ``endpoint`` (AWS_ENDPOINT_URL). Faults are off again after the test."""
+    off = dict(rate=0.0, match="", always="", kinds="500,503,reset,delay", delay_s=1.0, seed=0)
+    fault_proxy_process.configure(**off)
+    try:
+        yield fault_proxy_process
+    finally:
+        fault_proxy_process.configure(**off)
+
+
 def upload_tree(local: Path, bucket: str, prefix: str) -> None:
     import boto3
 
@@ -196,12 +228,15 @@ def scoring_data(ray_driver, tmp_path_factory):
     return root, manifest, counts
 
 
-def run_cli(command: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``rea2seg <command> args...`` as a user runs it (a new process, this environment), output captured."""
+def run_cli(
+    command: str, *args: str, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``rea2seg <command> args...`` as a user runs it (a new process, this environment updated with ``env``),
+    output captured."""
     return subprocess.run(
         [sys.executable, "-m", "rea2seg_ray.cli", command, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=dict(os.environ),
+        env={**os.environ, **(env or {})},
     )

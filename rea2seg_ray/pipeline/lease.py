@@ -40,9 +40,12 @@ def _pid_alive(pid: int) -> bool:
 
 def _s3(uri: str):
     import boto3
+    from botocore.config import Config
 
     bucket, _, key = uri[len("s3://") :].partition("/")
-    return boto3.client("s3"), bucket, key
+    # The storage layer's client retry policy (standard mode: exponential back-off with jitter).
+    retries = {"max_attempts": storage.RETRY.client_attempts, "mode": "standard"}
+    return boto3.client("s3", config=Config(retries=retries)), bucket, key
 
 
 def _create(uri: str, body: bytes) -> bool:
@@ -156,13 +159,16 @@ def acquire(output: str, run_id: str, ttl: float) -> Lease:
     uri = storage.join(output, LEASE_FILE)
     lease = Lease(uri, run_id, ttl)
     for _ in range(3):
-        if _create(uri, lease._body()):
-            held = _read(uri)
-            if held and held.get("run_id") == run_id:
-                lease._stop = threading.Event()
-                lease._thread = threading.Thread(target=lease._renew, daemon=True, name="rea2seg-lease")
-                lease._thread.start()
-                return lease
+        created = _create(uri, lease._body())
+        held = _read(uri)
+        # Ours: created by this call, or by a try of it whose answer was lost (the client's retry then finds the
+        # object there and reports a failed precondition).
+        if held and held.get("run_id") == run_id:
+            lease._stop = threading.Event()
+            lease._thread = threading.Thread(target=lease._renew, daemon=True, name="rea2seg-lease")
+            lease._thread.start()
+            return lease
+        if created:
             continue
         holder = live_holder(uri)
         if holder is not None:

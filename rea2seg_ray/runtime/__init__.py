@@ -42,7 +42,12 @@ def init_ray(cfg: RayConfig) -> None:
         )
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = cfg.progress_bars
+    from .. import storage
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress_bars
+    # Ray Data's readers and writers retry the same transient S3 errors as the storage layer (its policy, layer 2).
+    ctx.retried_io_errors = list(dict.fromkeys([*ctx.retried_io_errors, *storage.IO_RETRY_PATTERNS]))
 
 
 def worker_env() -> dict[str, str]:
