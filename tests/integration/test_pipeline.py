@@ -61,15 +61,29 @@ def check_masks(rows: list[dict]) -> None:
             )
 
 
-def test_s3_in_s3_out_through_the_cli(ray_driver, scenes_dir, s3_bucket, s3_server):
+def test_s3_in_s3_out_through_the_cli_under_s3_faults(ray_driver, scenes_dir, s3_bucket, s3_server, s3_faults,
+                                                      model_cache):  # fmt: skip
+    """Manifest, images and the scorer's weights read from S3 and the predictions written to it, every request
+    through the fault proxy: 10% of them fail (500, 503 SlowDown, reset connection, 0.5 s delay) and one image's
+    reads fail every time. The retries absorb the rate's faults (every other query ok); the image that outlasts them
+    is its query's error row naming the object; rows out == rows in, no id twice."""
     upload_tree(scenes_dir, s3_bucket, "data/scenes")
+    upload_tree(model_cache / "tiny" / "tiny-qwen2-vl-scorer", s3_bucket, "models/scorer")
     b = f"s3://{s3_bucket}"
+    lost = sorted(p.name for p in scenes_dir.glob("*.jpg"))[3]
+    s3_faults.configure(rate=0.1, delay_s=0.5, always=rf"^GET /{s3_bucket}/data/scenes/{re.escape(lost)}")
     r = run_cli(
-        "segment", f"input={b}/data/scenes/scenes.jsonl", f"output={b}/runs/r1",
-        f"ray.address={ray_driver['address']}", "ray.progress_bars=false",
+        "segment", f"input={b}/data/scenes/scenes.jsonl", f"output={b}/runs/r1", f"models.scorer={b}/models/scorer",
+        f"ray.address={ray_driver['address']}", "ray.progress_bars=false", env={"AWS_ENDPOINT_URL": s3_faults.endpoint},
     )  # fmt: skip
+    stats = s3_faults.stats()
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    assert "12 written: 12 ok, 0 error" in r.stdout
+    assert "12 written: 11 ok, 1 error (read: 1)" in r.stdout, r.stdout
+    # Faults of every kind hit reads and writes.
+    assert all(n > 0 for n in stats["faults"].values()), stats
+    assert stats["faulted_methods"].get("GET", 0) > 0 and stats["faulted_methods"].keys() & {"PUT", "POST"}, (
+        stats
+    )
     fs = pafs.S3FileSystem(
         endpoint_override=s3_server.split("://")[1],
         scheme="http",
@@ -83,7 +97,10 @@ def test_s3_in_s3_out_through_the_cli(ray_driver, scenes_dir, s3_bucket, s3_serv
         .to_pylist()
     )
     assert len(rows) == 12 and len({r["query_id"] for r in rows}) == 12
-    assert all(r["status"] == "ok" and (r["height"], r["width"]) == (240, 320) for r in rows)
+    bad = [r for r in rows if r["status"] != "ok"]
+    assert len(bad) == 1 and bad[0]["error_stage"] == "read", bad
+    assert f"{b}/data/scenes/{lost}" in bad[0]["error"] and "still failing after" in bad[0]["error"], bad[0]
+    assert all((r["height"], r["width"]) == (240, 320) for r in rows if r["status"] == "ok")
     check_masks(rows)
     # Ground truth was there, so the job evaluated itself and wrote the metrics next to the predictions.
     with fs.open_input_stream(f"{s3_bucket}/runs/r1/eval/metrics.json") as f:
@@ -246,9 +263,13 @@ def test_rerun_adds_nothing_and_a_cut_short_run_resumes_to_the_full_set(ray_driv
     partial = len(readable)
     assert partial < 24, f"expected a cut-short run, found {partial} rows"
 
-    s = run_segment(seg_cfg(ray_driver, *args[:-2]))
+    # The same command again: it sets torn files aside, skips what is written, writes the rest, exactly once.
+    r = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert f"24 queries in, {partial} skipped (already in the output), {24 - partial} written" in r.stdout, (
+        r.stdout
+    )
     rows = read_local(out)
-    assert s.skipped == partial and s.written == 24 - partial
     assert len(rows) == 24 == len({r["query_id"] for r in rows})
 
     files = sorted(p.name for p in (out / "predictions").iterdir())
@@ -368,3 +389,38 @@ def test_dialogue_sample_through_segment_prompts_keep_the_roles(ray_driver, tmp_
     assert any(asked + "Question: It is " in line for line in scorer), r.stderr[-3000:]
     rows = read_local(out)
     assert len(rows) == 4 and all(r["status"] == "ok" and "assistant: Sure." in r["question"] for r in rows)
+
+
+def test_an_actor_lost_for_good_is_resumed_within_the_run(ray_driver, tmp_path, caplog):
+    """A scorer actor that may not restart (score_pool.max_restarts=0) is SIGKILLed once rows are written: Ray
+    cannot repair that (the actor is gone for good), so the run plans again and writes the rest in a second attempt
+    of the same command: every query exactly once."""
+    from ray.util.state import list_actors
+
+    write_scenes(tmp_path / "scenes", 48, seed=23)
+    out = tmp_path / "out"
+    cfg = seg_cfg(ray_driver, f"input={tmp_path / 'scenes' / 'scenes.jsonl'}", f"output={out}",
+                  "discover_pool.batch_size=2", "score_pool.batch_size=2", "score_pool.max_restarts=0",
+                  "score_pool.max_task_retries=0")  # fmt: skip
+    result: dict = {}
+    th = threading.Thread(target=lambda: result.update(s=run_segment(cfg)))
+    th.start()
+    killed = None
+    deadline = time.time() + 300
+    while th.is_alive() and killed is None and time.time() < deadline:
+        if (out / "predictions").exists() and any((out / "predictions").glob("*.parquet")):
+            alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+                     if "ScoreStage" in (a.class_name or "") and a.pid]  # fmt: skip
+            if alive:
+                killed = alive[0]
+                os.kill(killed.pid, signal.SIGKILL)
+        time.sleep(0.2)
+    th.join(timeout=600)
+    assert killed is not None, "no scorer actor was seen after the first rows were written"
+    s = result["s"]
+    rows = read_local(out)
+    assert s.written == 48 == len(rows) == len({r["query_id"] for r in rows})
+    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows if r["status"] != "ok"]
+    assert any("attempt 2 of 3" in r.getMessage() for r in caplog.records), [
+        r.getMessage() for r in caplog.records
+    ]
