@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     from .datasets import DatasetError
     from .models.loading import ModelNotFound
     from .pipeline.lease import LeaseHeld
+    from .pipeline.watch import ClusterLost, Unschedulable
 
     try:
         overrides = [
@@ -247,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, ModelNotFound, FileNotFoundError, ValueError, LeaseHeld) as e:
         print(f"rea2seg {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (Unschedulable, ClusterLost) as e:  # the run stopped on a cluster fault: a rerun resumes it
+        print(f"rea2seg {args.command}: stopped: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

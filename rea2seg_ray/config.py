@@ -303,6 +303,14 @@ class SegmentConfig:
     # Seconds a run's lease on its output lasts without renewal: a second run on the same output refuses while a
     # live run holds it; a lease whose holder died (its pid gone on the same host, or expired) is taken over.
     lease_ttl_s: float = 60.0
+    # Cluster faults. A write that fails on a loss Ray could not repair (a node's objects, a dead owner) is planned
+    # again and resumed within the same command, at most this many attempts in all (1: stop at the first); rows
+    # already written are kept and never redone.
+    run_attempts: int = 3
+    # A run that no alive node can serve for this long (a pool's CPUs, GPUs or custom resources offered by no node,
+    # e.g. the last discovery node lost) stops with a message naming the pool; a rerun resumes it (0: wait forever).
+    # Leave an autoscaler time to bring a node up.
+    unschedulable_timeout_s: float = 600.0
     evaluate: bool = True  # when the input has ground truth, score the output and print the table
     gallery: GalleryConfig = field(default_factory=GalleryConfig)  # <output>/gallery/index.html after a run
     models: ModelsConfig = field(default_factory=ModelsConfig)
@@ -313,6 +321,14 @@ class SegmentConfig:
     score_pool: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=8))
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        if self.run_attempts < 1:
+            raise ValueError(f"run_attempts must be >= 1, got {self.run_attempts}")
+        if self.unschedulable_timeout_s < 0:
+            raise ValueError(
+                f"unschedulable_timeout_s must be >= 0 (0: wait forever), got {self.unschedulable_timeout_s}"
+            )
 
 
 @dataclass

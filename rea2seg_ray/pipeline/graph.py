@@ -26,6 +26,7 @@ from ..runtime import init_ray, pool_args, worker_env
 from ..runtime.inputs import count_queries, image_dataset
 from ..runtime.stages import discovered_dataset
 from . import lease as leases
+from . import watch
 from .stages import ScoreStage, summarize
 
 log = get_logger(__name__)
@@ -180,21 +181,8 @@ def run_segment(cfg: SegmentConfig) -> RunSummary:
             log.info("%s", line)
         _move_torn(p.torn)
         if p.to_write:
-            import ray
-
-            from ..runtime.guard import start_ledger
-
             cfg_hash = record_run(cfg, run_id, started)
-            ledger = f"rea2seg-ledger-{run_id}"
-            keeper = start_ledger(ledger)
-            ds = build_dataset(cfg, spec, run_id, ledger)
-            fs, path = storage.filesystem(out_uri)
-            if not storage.is_remote(out_uri):
-                fs.create_dir(path, recursive=True)
-            # The run id and config hash ride in every file's key-value metadata, beside the rows' run_id column.
-            schema = PREDICTIONS_SCHEMA.with_metadata(provenance.parquet_metadata(run_id, cfg_hash))
-            ds.write_parquet(path, filesystem=fs, filename_provider=_names(run_id), schema=schema)
-            ray.kill(keeper)
+            write_missing(cfg, spec, run_id, cfg_hash)
         counts = run_counts(out_uri, run_id)
     finally:
         lease.release()
@@ -211,6 +199,59 @@ def run_segment(cfg: SegmentConfig) -> RunSummary:
     log.info("run %s: %d written (%d ok, %d error) in %.1f s", run_id, summary.written, summary.ok, summary.error,
              summary.seconds)  # fmt: skip
     return summary
+
+
+def write_missing(cfg: SegmentConfig, spec: InputSpec, run_id: str, cfg_hash: str) -> None:
+    """Write the rows still missing from the output, in at most ``cfg.run_attempts`` attempts: an attempt that
+    fails on a cluster fault Ray could not repair (``watch.cluster_fault``: a lost node's objects, a dead owner) is
+    followed, once its stragglers are gone, by a new plan against what is written and a new attempt for the rest
+    (same run id: the run's files and counts add up). A run no alive node can serve stops (``watch.Unschedulable``)."""
+    import ray
+
+    from ..runtime.guard import start_ledger
+
+    out_uri = predictions_uri(cfg)
+    fs, path = storage.filesystem(out_uri)
+    if not storage.is_remote(out_uri):
+        fs.create_dir(path, recursive=True)
+    # The run id and config hash ride in every file's key-value metadata, beside the rows' run_id column.
+    schema = PREDICTIONS_SCHEMA.with_metadata(provenance.parquet_metadata(run_id, cfg_hash))
+    pools = {"discovery": cfg.discover_pool, "scorer": cfg.score_pool}
+    for attempt in range(1, cfg.run_attempts + 1):
+        if attempt > 1:
+            p = plan(cfg, spec, out_uri)
+            _move_torn(p.torn)
+            log.warning("attempt %d of %d of run %s: %d queries still to write", attempt, cfg.run_attempts, run_id,
+                        p.to_write)  # fmt: skip
+            if not p.to_write:
+                return
+        ledger = f"rea2seg-ledger-{run_id}-{attempt}"
+        keeper = start_ledger(ledger)
+        try:
+            with watch.ResourceWatch(pools, cfg.unschedulable_timeout_s):
+                ds = build_dataset(cfg, spec, run_id, ledger)
+                ds.write_parquet(path, filesystem=fs, filename_provider=_names(run_id), schema=schema)
+            return
+        except watch.Unschedulable:
+            raise
+        except Exception as e:
+            fault = watch.cluster_fault(e)
+            if fault is None:
+                raise
+            if attempt == cfg.run_attempts:
+                raise watch.ClusterLost(
+                    f"run {run_id}: the cluster lost work {attempt} time(s) ({type(fault).__name__}: "
+                    f"{str(fault).splitlines()[0] if str(fault) else ''}); every row written so far is kept: rerun "
+                    f"the same command to resume"
+                ) from e
+            log.warning("run %s, attempt %d: the cluster lost work Ray could not recover (%s: %s); resuming",
+                        run_id, attempt, type(fault).__name__, str(fault).splitlines()[0] if str(fault) else "")  # fmt: skip
+            watch.wait_for_writers(ray.get_runtime_context().get_job_id())
+        finally:
+            try:
+                ray.kill(keeper)
+            except Exception:  # noqa: BLE001 - a ledger lost with its node is already gone
+                pass
 
 
 def record_run(cfg: SegmentConfig, run_id: str, started: datetime) -> str:

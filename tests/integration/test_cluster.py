@@ -1,5 +1,6 @@
 """cluster/: every manifest and YAML parses and says what users rely on; placement on a simulated two-node cluster
-survives swapping a node mid-run; the submit script runs a job and follows it."""
+survives swapping a node mid-run; losing the node of both pools stops a run clearly, and a rerun finishes on the
+nodes that remain after losing another; the submit script runs a job and follows it."""
 
 import json
 import os
@@ -124,6 +125,37 @@ def test_two_node_placement_survives_swapping_the_discovery_node(model_cache, tm
         disc <= {res["node_a"], res["node_c"]} and res["node_c"] in disc
     )  # discovery only on discovery nodes
     assert res["written"] == res["rows_in"] == res["ok"] == 48
+
+
+@pytest.mark.slow
+def test_node_loss_stops_clearly_without_a_node_and_finishes_on_the_remaining_nodes(model_cache, tmp_path):
+    import pyarrow.dataset as pads
+
+    manifest = write_scenes(tmp_path / "scenes", 120, seed=57)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "integration" / "node_loss_run.py"), str(manifest), str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=900, env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads([line for line in r.stdout.splitlines() if line.startswith('{"first"')][-1])
+    first, second = res["first"], res["second"]
+    # The only node offering the pools' resources (holding both pools' actors) is lost after the run wrote rows:
+    # the run stops, saying which pools lack what, and keeps what it wrote.
+    assert len(first.get("removed", {}).get("actors", [])) == 2, first
+    assert first.get("failed") == "Unschedulable", first
+    assert "discovery pool" in first["message"] and "rerun the same command" in first["message"], first
+    assert first["after_loss_s"] < 120 and first["rows_kept"] > 0, first
+    # The same run again on a new node: it resumes; that node, now holding both pools' actors, is swapped for
+    # another mid-run; the run finishes there, every query exactly once.
+    assert len(second.get("removed", {}).get("actors", [])) == 2, second
+    assert "failed" not in second, second
+    assert second["rows_in"] == 120 and second["skipped"] == first["rows_kept"], second
+    assert second["skipped"] + second["written"] == 120, second
+    files = sorted(str(f) for f in (tmp_path / "out" / "predictions").glob("*.parquet"))  # not *.parquet.torn
+    rows = pads.dataset(files, format="parquet").to_table().to_pylist()
+    assert len(rows) == 120 == len({x["query_id"] for x in rows})
+    assert all(x["status"] == "ok" for x in rows), [x["error"] for x in rows if x["status"] != "ok"]
 
 
 @pytest.mark.slow
