@@ -3,7 +3,11 @@ checkpoints in an S3 bucket on 127.0.0.1, resume from the last step, export that
 
 import copy
 import json
+import os
 import re
+import signal
+import threading
+import time
 
 import boto3
 import numpy as np
@@ -23,6 +27,37 @@ from rea2seg_ray.train.loop import ImageCache, answer_token_ids, collate, load_s
 from ..conftest import run_cli
 
 pytestmark = pytest.mark.slow
+
+
+def finetune_args(data, out: str, address: str) -> list[str]:
+    return [
+        f"data={data}",
+        f"output={out}",
+        "train.num_workers=2",
+        "train.cpus_per_worker=0.5",
+        "train.batch_size=4",
+        "train.checkpoint_every=4",
+        "train.log_every=2",
+        "train.lr=2e-3",
+        "ray.progress_bars=false",
+        f"ray.address={address}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def s3_run(ray_driver, scoring_data, s3_server):
+    """`rea2seg finetune` to step 8, checkpoints in an S3 bucket, undisturbed: the run the S3 test resumes and the
+    killed-worker test compares with. {bucket, out, common (its overrides but max_steps), stdout, loss}."""
+    root, _, _ = scoring_data
+    bucket = f"finetune-{int(time.time() * 1000) % 100000}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    out = f"s3://{bucket}/scorer-runs/r1"
+    common = finetune_args(root / "data", out, ray_driver["address"])
+    # Through the console script, with the overrides the issue names.
+    r = run_cli("finetune", *common, "train.max_steps=8", timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    loss = float(re.search(r"trained to step 8 \(loss ([\d.]+)", r.stdout).group(1))
+    return {"bucket": bucket, "out": out, "common": common, "stdout": r.stdout, "loss": loss}
 
 
 def test_make_scoring_data_labels_and_balances(scoring_data):
@@ -66,27 +101,12 @@ def _loss(model, processor, rows, cfg):
         return float(model(**inputs, labels=labels).loss)
 
 
-def test_finetune_checkpoints_to_s3_resumes_and_exports_for_vllm(ray_driver, scoring_data, s3_bucket):
+def test_finetune_checkpoints_to_s3_resumes_and_exports_for_vllm(ray_driver, scoring_data, s3_run):
     import pyarrow.dataset as pads
 
     root, manifest, _ = scoring_data
-    out = f"s3://{s3_bucket}/scorer-runs/r1"
-    common = [
-        f"data={root / 'data'}",
-        f"output={out}",
-        "train.num_workers=2",
-        "train.cpus_per_worker=0.5",
-        "train.batch_size=4",
-        "train.checkpoint_every=4",
-        "train.log_every=2",
-        "train.lr=2e-3",
-        "ray.progress_bars=false",
-        f"ray.address={ray_driver['address']}",
-    ]
-    # Through the console script, with the overrides the issue names.
-    r = run_cli("finetune", *common, "train.max_steps=8", timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "trained to step 8" in r.stdout and f"models.scorer={out}/export" in r.stdout
+    out, common, s3_bucket = s3_run["out"], s3_run["common"], s3_run["bucket"]
+    assert "trained to step 8" in s3_run["stdout"] and f"models.scorer={out}/export" in s3_run["stdout"]
     keys = [
         o["Key"]
         for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="scorer-runs/r1/")["Contents"]
@@ -129,6 +149,58 @@ def test_finetune_checkpoints_to_s3_resumes_and_exports_for_vllm(ray_driver, sco
     t = sorted(c.score for r in tuned_scores for c in r)
     b = sorted(c.score for r in base_scores for c in r)
     assert all(0 <= v <= 1 for v in t) and max(abs(x - y) for x, y in zip(t, b, strict=True)) > 1e-3
+
+
+def test_a_killed_training_worker_restores_from_the_last_checkpoint(ray_driver, s3_run, s3_server, s3_faults,
+                                                                    monkeypatch):  # fmt: skip
+    """The same run as ``s3_run``, its checkpoints uploaded through the fault proxy (5% of S3 requests fail), and one
+    Ray Train worker SIGKILLed mid-epoch once the first checkpoint (step 4) is registered: FailureConfig restarts the
+    workers from that checkpoint, and the run ends at the same step as the undisturbed one, with a loss close to its."""
+    from ray.util.state import list_actors
+
+    from rea2seg_ray.train.trainer import run_finetune
+
+    out = f"s3://{s3_run['bucket']}/scorer-runs/killed"
+    args = [f"output={out}" if a.startswith("output=") else a for a in s3_run["common"]]
+    s3_faults.configure(rate=0.05, delay_s=0.2)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_faults.endpoint)
+    cfg = load_config(FinetuneConfig, None, [*args, "train.max_steps=8"])
+    result: dict = {}
+
+    def train() -> None:
+        try:
+            result["res"] = run_finetune(cfg)
+        except Exception as e:  # noqa: BLE001 - reported by the assertions below
+            result["error"] = e
+
+    th = threading.Thread(target=train)
+    th.start()
+    s3 = boto3.client(
+        "s3", endpoint_url=s3_server
+    )  # straight to the server: the test's own look is never faulted
+    killed = None
+    deadline = time.time() + 600
+    while th.is_alive() and killed is None and time.time() < deadline:
+        listing = s3.list_objects_v2(Bucket=s3_run["bucket"], Prefix="scorer-runs/killed/checkpoints/")
+        # Registered, not only uploaded: Ray Train lists a checkpoint in its snapshot once the report is done.
+        if any(o["Key"].endswith("checkpoint_manager_snapshot.json") for o in listing.get("Contents", [])):
+            workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+                       if "RayTrainWorker" in (a.class_name or "") and a.pid]  # fmt: skip
+            if workers:
+                killed = workers[-1]
+                os.kill(killed.pid, signal.SIGKILL)
+        time.sleep(0.1)
+    th.join(timeout=600)
+    assert killed is not None, "no training worker was seen alive after the first checkpoint"
+    assert "error" not in result, result.get("error")
+    res = result["res"]
+    # Restored from the checkpoint at step 4 (not from 0, not after the end), and finished the 8 steps.
+    assert res["start_step"] == 4 and res["step"] == 8, res
+    assert abs(res["loss"] - s3_run["loss"]) <= 0.25 * s3_run["loss"], (res["loss"], s3_run["loss"])
+    stats = s3_faults.stats()
+    assert stats["faulted_methods"].keys() & {"PUT", "POST"}, (
+        stats
+    )  # checkpoint uploads were among the faulted
 
 
 def test_reasoning_scorer_trains_and_serves_in_the_same_format(ray_driver, scoring_data, tmp_path):
