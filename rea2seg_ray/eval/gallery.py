@@ -61,6 +61,10 @@ def sample_ids(pred_uri: str, max_queries: int, seed: int = 0) -> tuple[list[str
     """(the ids the gallery shows, how many rows the predictions hold): every query when the run has at most
     ``max_queries``, else a stratified sample (see the module docstring). Reads the ``query_id``, ``category`` and
     ``status`` columns only."""
+    return storage.with_retries(lambda: _sample_ids(pred_uri, max_queries, seed), f"sample {pred_uri}")
+
+
+def _sample_ids(pred_uri: str, max_queries: int, seed: int) -> tuple[list[str], int]:
     ds = predictions_dataset(pred_uri)
     if ds is None:
         return [], 0
@@ -89,7 +93,9 @@ def read_rows(pred_uri: str, ids: list[str]) -> list[Prediction]:
     ds = predictions_dataset(pred_uri)
     if ds is None or not ids:
         return []
-    table = ds.to_table(filter=pc.field("query_id").isin(ids))
+    table = storage.with_retries(
+        lambda: ds.to_table(filter=pc.field("query_id").isin(ids)), f"read {pred_uri}"
+    )
     seen: dict[str, Prediction] = {}
     for row in table.to_pylist():
         seen[row["query_id"]] = Prediction.from_row(row)
@@ -128,6 +134,11 @@ def render_item(
     }  # fmt: skip
     if not p.image_uri:
         item["image_error"] = "the row names no image"
+        return item
+    if p.status != "ok" and p.error_stage in ("read", "decode"):
+        # The job could not read or decode this image: its error says why; trying again (with every retry) would
+        # only slow the page down.
+        item["image_error"] = "not shown: the job could not read it (see the error)"
         return item
     try:
         raw = fetch(p.image_uri)

@@ -9,6 +9,7 @@ on the same output refuses, and a rerun or resumed run adds exactly the missing 
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 import uuid
@@ -133,19 +134,24 @@ def run_counts(pred_uri: str, run_id: str) -> dict:
     import pyarrow.dataset as pads
 
     files = [i.path for i in predictions_files(pred_uri) if i.base_name.startswith(f"{run_id}-")]
-    counts = {"ok": 0, "error": 0, "error_stages": {}}
     if not files:
-        return counts
+        return {"ok": 0, "error": 0, "error_stages": {}}
     fs, _ = storage.filesystem(pred_uri)
-    for b in pads.dataset(files, filesystem=fs, format="parquet").to_batches(
-        columns=["status", "error_stage"]
-    ):
-        c = summarize(pa.Table.from_batches([b]))
-        counts["ok"] += c["ok"]
-        counts["error"] += c["error"]
-        for k, v in c["error_stages"].items():
-            counts["error_stages"][k] = counts["error_stages"].get(k, 0) + v
-    return counts
+
+    def count() -> dict:
+        counts = {"ok": 0, "error": 0, "error_stages": {}}
+        for b in pads.dataset(files, filesystem=fs, format="parquet").to_batches(
+            columns=["status", "error_stage"]
+        ):
+            c = summarize(pa.Table.from_batches([b]))
+            counts["ok"] += c["ok"]
+            counts["error"] += c["error"]
+            for k, v in c["error_stages"].items():
+                counts["error_stages"][k] = counts["error_stages"].get(k, 0) + v
+        return counts
+
+    # A whole recount when a read fails past the S3 client's own retries (storage's policy, outer layer).
+    return storage.with_retries(count, f"count the rows of run {run_id} in {pred_uri}")
 
 
 def _move_torn(paths: list[str]) -> None:
@@ -227,6 +233,7 @@ def write_missing(cfg: SegmentConfig, spec: InputSpec, run_id: str, cfg_hash: st
                 return
         ledger = f"rea2seg-ledger-{run_id}-{attempt}"
         keeper = start_ledger(ledger)
+        lost = ""
         try:
             with watch.ResourceWatch(pools, cfg.unschedulable_timeout_s):
                 ds = build_dataset(cfg, spec, run_id, ledger)
@@ -238,20 +245,26 @@ def write_missing(cfg: SegmentConfig, spec: InputSpec, run_id: str, cfg_hash: st
             fault = watch.cluster_fault(e)
             if fault is None:
                 raise
+            lost = f"{type(fault).__name__}: {str(fault).splitlines()[0] if str(fault) else ''}"
             if attempt == cfg.run_attempts:
                 raise watch.ClusterLost(
-                    f"run {run_id}: the cluster lost work {attempt} time(s) ({type(fault).__name__}: "
-                    f"{str(fault).splitlines()[0] if str(fault) else ''}); every row written so far is kept: rerun "
-                    f"the same command to resume"
+                    f"run {run_id}: the cluster lost work {attempt} time(s) ({lost}); every row written so far is "
+                    f"kept: rerun the same command to resume"
                 ) from e
-            log.warning("run %s, attempt %d: the cluster lost work Ray could not recover (%s: %s); resuming",
-                        run_id, attempt, type(fault).__name__, str(fault).splitlines()[0] if str(fault) else "")  # fmt: skip
-            watch.wait_for_writers(ray.get_runtime_context().get_job_id())
+            del fault  # its traceback holds the failed execution's actor handles
         finally:
             try:
                 ray.kill(keeper)
             except Exception:  # noqa: BLE001 - a ledger lost with its node is already gone
                 pass
+        log.warning("run %s, attempt %d: the cluster lost work Ray could not recover (%s); resuming", run_id,
+                    attempt, lost)  # fmt: skip
+        # The failed execution releases its actors by dropping their handles: drop ours, collect, and wait for its
+        # write tasks and actors to be gone before planning again (a straggling write would be counted twice, a
+        # lingering actor would hold the resources the next attempt's pools need).
+        ds = None
+        gc.collect()
+        watch.wait_for_release(ray.get_runtime_context().get_job_id())
 
 
 def record_run(cfg: SegmentConfig, run_id: str, started: datetime) -> str:

@@ -146,21 +146,30 @@ class ResourceWatch:
                 return
 
 
-def wait_for_writers(job_id: str, timeout_s: float = 120.0) -> None:
-    """Wait until no write task of this job runs or waits any more: a failed attempt's executor shuts down without
-    waiting for its tasks, and a straggler finishing a file after the next attempt's plan would write its rows twice."""
-    from ray.util.state import list_tasks
+def wait_for_release(job_id: str, timeout_s: float = 120.0) -> None:
+    """Wait until no write task and no stage actor of this job runs any more: a failed attempt's executor shuts down
+    without waiting for its tasks (a straggler finishing a file after the next attempt's plan would write its rows
+    twice) and releases its actors by dropping their handles (one still alive would hold the resources the next
+    attempt's pools need)."""
+    from ray.util.state import list_actors, list_tasks
 
+    stages = ("DiscoverStage", "ScoreStage")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             tasks = list_tasks(filters=[("job_id", "=", job_id)], limit=10_000, raise_on_missing_output=False)
-        except Exception as e:  # noqa: BLE001 - no state API: fall back to a pause
-            log.debug("cannot list tasks (%s): waiting %.0f s instead", e, 10.0)
+            actors = list_actors(
+                filters=[("job_id", "=", job_id)], limit=10_000, raise_on_missing_output=False
+            )
+        except Exception as e:  # noqa: BLE001 - no state API (a local Ray without dashboard): a pause instead
+            log.debug("cannot list tasks and actors (%s): waiting %.0f s instead", e, 10.0)
             time.sleep(10.0)
             return
-        live = [t for t in tasks if "Write" in (t.name or "") and t.state not in ("FINISHED", "FAILED")]
-        if not live:
+        writing = [t for t in tasks if "Write" in (t.name or "") and t.state not in ("FINISHED", "FAILED")]
+        holding = [a for a in actors if any(s in (a.class_name or "") for s in stages) and a.state != "DEAD"]
+        if not writing and not holding:
             return
         time.sleep(1.0)
-    log.warning("write tasks of the failed attempt still running after %.0f s; going on", timeout_s)
+    log.warning(
+        "the failed attempt's write tasks or actors are still there after %.0f s; going on", timeout_s
+    )
