@@ -9,16 +9,18 @@ Every S3 request passes through; at a configurable rate one of four faults repla
 - ``delay``: the answer is held back ``delay_s`` seconds, then given normally.
 
 Which requests may fault: ``match``, a regular expression searched in ``"METHOD /bucket/key?query"`` (empty: all).
-``always``, a second such expression, names requests that fault every time (a fault that outlasts any retry policy,
-e.g. one object's GETs), whatever the rate. Choices are drawn from a seeded generator, so a run's faults are the same
+``always``, a second such expression, names requests that fail every time (500, 503 or reset: a fault that outlasts
+any retry policy, e.g. one object's GETs), whatever the rate; ``once``, a third, names requests whose first try fails (500, 503 or
+reset) and whose retry passes: every matching object meets a fault its retries must absorb (the failed requests are
+listed in the stats under ``once``). Choices are drawn from a seeded generator, so a run's faults are the same
 for the same sequence of requests.
 
 Control, on the proxy's own port (never faulted): ``GET /__proxy__/stats`` -> JSON counts (requests, faults by kind,
-faulted requests by method); ``POST /__proxy__/config?rate=0.05&kinds=500,503&match=...&always=...&delay_s=1&seed=0`` changes
+faulted requests by method, the ``once`` faults by request); ``POST /__proxy__/config?rate=0.05&kinds=500,503&match=...&always=...&once=...&delay_s=1&seed=0`` changes
 the settings (and zeroes the counts); ``POST /__proxy__/reset`` zeroes the counts.
 
     python bench/s3_fault_proxy.py --upstream http://127.0.0.1:5000 [--port 0] [--rate 0.05]
-        [--kinds 500,503,reset,delay] [--match REGEX] [--always REGEX] [--delay-s 1.0] [--seed 0] [--port-file FILE]
+        [--kinds 500,503,reset,delay] [--match REGEX] [--always REGEX] [--once REGEX] [--delay-s 1.0] [--seed 0] [--port-file FILE]
 
 Prints ``listening on http://127.0.0.1:PORT`` (and writes PORT to ``--port-file``) once it accepts connections.
 Stdlib only; stopped by its pid (SIGTERM).
@@ -65,12 +67,30 @@ ERRORS = {
 class Faults:
     """The proxy's settings and counts, shared by its handler threads."""
 
-    def __init__(self, rate: float, kinds: list[str], match: str, always: str, delay_s: float, seed: int):
+    def __init__(
+        self,
+        rate: float,
+        kinds: list[str],
+        match: str,
+        always: str,
+        delay_s: float,
+        seed: int,
+        once: str = "",
+    ):
         self.lock = threading.Lock()
-        self.configure(rate=rate, kinds=kinds, match=match, always=always, delay_s=delay_s, seed=seed)
+        self.configure(
+            rate=rate, kinds=kinds, match=match, always=always, delay_s=delay_s, seed=seed, once=once
+        )
 
     def configure(
-        self, rate: float, kinds: list[str], match: str, always: str, delay_s: float, seed: int
+        self,
+        rate: float,
+        kinds: list[str],
+        match: str,
+        always: str,
+        delay_s: float,
+        seed: int,
+        once: str = "",
     ) -> None:
         bad = [k for k in kinds if k not in KINDS]
         if bad or not kinds:
@@ -81,9 +101,11 @@ class Faults:
             self.rate, self.kinds, self.delay_s = rate, list(kinds), delay_s
             self.match = re.compile(match) if match else None
             self.always = re.compile(always) if always else None
+            self.once = re.compile(once) if once else None
             self.rng = random.Random(seed)
-            self.settings = {"rate": rate, "kinds": list(kinds), "match": match, "always": always,
+            self.settings = {"rate": rate, "kinds": list(kinds), "match": match, "always": always, "once": once,
                              "delay_s": delay_s, "seed": seed}  # fmt: skip
+            self.failed_once: dict[str, str] = {}  # request -> the fault its first try met
             self.requests = 0
             self.faults = {k: 0 for k in KINDS}
             self.faulted_methods: dict[str, int] = {}
@@ -93,13 +115,18 @@ class Faults:
         with self.lock:
             self.requests += 1
             request = f"{method} {target}"
-            if self.always is not None and self.always.search(request):
-                pass
+            failing = [k for k in self.kinds if k != "delay"] or ["503"]  # a late answer is not a failure
+            if self.once is not None and self.once.search(request) and request not in self.failed_once:
+                kind = self.rng.choice(failing)
+                self.failed_once[request] = kind
+            elif self.always is not None and self.always.search(request):
+                kind = self.rng.choice(failing)
             elif self.match is not None and not self.match.search(request):
                 return None
             elif self.rate <= 0 or self.rng.random() >= self.rate:
                 return None
-            kind = self.rng.choice(self.kinds)
+            else:
+                kind = self.rng.choice(self.kinds)
             self.faults[kind] += 1
             self.faulted_methods[method] = self.faulted_methods.get(method, 0) + 1
             return kind
@@ -112,6 +139,7 @@ class Faults:
                 "faults": dict(self.faults),
                 "faulted": sum(self.faults.values()),
                 "faulted_methods": dict(self.faulted_methods),
+                "once": dict(self.failed_once),
             }
 
 
@@ -160,6 +188,7 @@ def make_handler(upstream: str, faults: Faults):
                         kinds=[k for k in q.get("kinds", ",".join(s["kinds"])).split(",") if k],
                         match=q.get("match", s["match"]),
                         always=q.get("always", s["always"]),
+                        once=q.get("once", s["once"]),
                         delay_s=float(q.get("delay_s", s["delay_s"])),
                         seed=int(q.get("seed", s["seed"])),
                     )
@@ -252,7 +281,7 @@ class ProxyProcess:
             conn.close()
 
     def configure(self, **settings) -> dict:
-        """Change the settings (rate, kinds as a list or comma string, match, always, delay_s, seed) and zero the
+        """Change the settings (rate, kinds as a list or comma string, match, always, once, delay_s, seed) and zero the
         counts; unnamed settings keep their values."""
         if isinstance(settings.get("kinds"), (list, tuple)):
             settings["kinds"] = ",".join(settings["kinds"])
@@ -288,11 +317,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kinds", default=",".join(KINDS), help="fault kinds drawn from, comma-separated")
     ap.add_argument("--match", default="", help="regex on 'METHOD /bucket/key?query'; empty: every request")
     ap.add_argument("--always", default="", help="regex of requests that fault every time, whatever the rate")
+    ap.add_argument(
+        "--once", default="", help="regex of requests whose first try fails and whose retry passes"
+    )
     ap.add_argument("--delay-s", type=float, default=1.0, help="how long a 'delay' fault holds the answer")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--port-file", default="", help="write the port here once listening")
     a = ap.parse_args(argv)
-    faults = Faults(a.rate, [k for k in a.kinds.split(",") if k], a.match, a.always, a.delay_s, a.seed)
+    faults = Faults(
+        a.rate, [k for k in a.kinds.split(",") if k], a.match, a.always, a.delay_s, a.seed, a.once
+    )
     server = ThreadingHTTPServer(("127.0.0.1", a.port), make_handler(a.upstream, faults))
     server.daemon_threads = True
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())

@@ -128,7 +128,7 @@ def fault_proxy_process(s3_server):
 def s3_faults(fault_proxy_process):
     """The fault proxy with faults off and counts zeroed; a test sets its faults (``configure``) and points a job at
     ``endpoint`` (AWS_ENDPOINT_URL). Faults are off again after the test."""
-    off = dict(rate=0.0, match="", always="", kinds="500,503,reset,delay", delay_s=1.0, seed=0)
+    off = dict(rate=0.0, match="", always="", once="", kinds="500,503,reset,delay", delay_s=1.0, seed=0)
     fault_proxy_process.configure(**off)
     try:
         yield fault_proxy_process

@@ -78,7 +78,7 @@ def main(manifest: str, output: str) -> None:
     ray.init(address=cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False)
     cfg = load_config(SegmentConfig, "cluster.yaml", [
         f"input={manifest}", f"output={output}", "evaluate=false", "ray.progress_bars=false",
-        f"ray.address={cluster.address}", "unschedulable_timeout_s=15",
+        f"ray.address={cluster.address}", "unschedulable_timeout_s=8",
         "discover_pool.size=1", "discover_pool.num_cpus=1", "discover_pool.num_gpus=0", "discover_pool.batch_size=2",
         "score_pool.num_cpus=1", "score_pool.num_gpus=0", "score_pool.batch_size=2",
         "discovery.mllm_batch_size=1", "discovery.sam_batch_size=1",
