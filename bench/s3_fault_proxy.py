@@ -67,20 +67,9 @@ ERRORS = {
 class Faults:
     """The proxy's settings and counts, shared by its handler threads."""
 
-    def __init__(
-        self,
-        rate: float,
-        kinds: list[str],
-        match: str,
-        always: str,
-        delay_s: float,
-        seed: int,
-        once: str = "",
-    ):
+    def __init__(self, **settings):
         self.lock = threading.Lock()
-        self.configure(
-            rate=rate, kinds=kinds, match=match, always=always, delay_s=delay_s, seed=seed, once=once
-        )
+        self.configure(**settings)
 
     def configure(
         self,
@@ -324,9 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--port-file", default="", help="write the port here once listening")
     a = ap.parse_args(argv)
-    faults = Faults(
-        a.rate, [k for k in a.kinds.split(",") if k], a.match, a.always, a.delay_s, a.seed, a.once
-    )
+    faults = Faults(rate=a.rate, kinds=[k for k in a.kinds.split(",") if k], match=a.match, always=a.always,
+                    once=a.once, delay_s=a.delay_s, seed=a.seed)  # fmt: skip
     server = ThreadingHTTPServer(("127.0.0.1", a.port), make_handler(a.upstream, faults))
     server.daemon_threads = True
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
