@@ -374,7 +374,8 @@ def test_killed_actors_lose_and_duplicate_nothing(ray_driver, tmp_path, caplog):
     write_scenes(tmp_path / "scenes", 48, seed=21)
     out = tmp_path / "out"
     cfg = seg_cfg(ray_driver, f"input={tmp_path / 'scenes' / 'scenes.jsonl'}", f"output={out}",
-                  "discover_pool.batch_size=1", "score_pool.batch_size=2", "score_pool.max_restarts=0",
+                  "discover_pool.batch_size=1", "discover_pool.num_cpus=1", "score_pool.batch_size=2",
+                  "score_pool.max_restarts=0",
                   "score_pool.max_task_retries=0")  # fmt: skip
     before = scored_batches()  # the session cluster keeps earlier tests' tasks
     result: dict = {}
