@@ -180,6 +180,15 @@ class ScoringConfig:
     reasoning: bool = False  # think first (free text), then answer
     max_reasoning_tokens: int = 96
     max_answer_tokens: int = 32  # numeric / comparative JSON answers
+    # per_candidate only: after each candidate image, say which extremes of the query's candidates it is ("Among
+    # the 5 candidates it is the largest and the leftmost."; scoring/facts.py), so a scorer that sees one
+    # candidate at a time can answer "the largest ..." / "the leftmost ..." by comparison. A scorer fine-tuned
+    # with it should be served with it (fine-tuning renders the same sentence from the examples' `facts`).
+    candidate_facts: bool = False
+    # With candidate_facts and reasoning: reason twice. The first round's reasoning names each candidate ("The
+    # highlighted region is the red star."); the second round's facts add whose closest candidate each one is
+    # ("It is the closest to the red star."), then the scorer reasons and answers again. Twice the generation.
+    facts_relations: bool = False
     # The image is resized once, then every candidate is drawn on that copy. 0: at the scorer's own input size
     # (Qwen2-VL smart_resize with the model's min/max pixels), so outlines stay visible; >0: longer side in px.
     image_max_side: int = 0
@@ -201,6 +210,12 @@ class ScoringConfig:
             raise ValueError(f"scoring.select must be top1, threshold or count, not {self.select!r}")
         if self.select_max < 1:
             raise ValueError(f"scoring.select_max must be >= 1, not {self.select_max}")
+        if self.candidate_facts and self.mode != "per_candidate":
+            raise ValueError("scoring.candidate_facts needs scoring.mode=per_candidate (comparative prompts show "
+                             "every candidate at once)")  # fmt: skip
+        if self.facts_relations and not (self.candidate_facts and self.reasoning):
+            raise ValueError("scoring.facts_relations needs scoring.candidate_facts=true and scoring.reasoning=true "
+                             "(the first round's reasoning names the candidates)")  # fmt: skip
 
 
 @dataclass

@@ -42,10 +42,9 @@ def naming_accuracy(predictions: Path, manifest: Path) -> tuple[float, float, in
     import pyarrow.dataset as pads
 
     from rea2seg_ray.masks import decode_rle
-    from rea2seg_ray.scoring.prompts import TEMPLATES
+    from rea2seg_ray.scoring.prompts import parse_description
 
     scenes = {r["query_id"]: r for r in map(json.loads, manifest.read_text().splitlines())}
-    prefix, suffix = TEMPLATES["describe"].split("{description}")
     colour = shape = n = 0
     for row in pads.dataset(str(predictions), format="parquet").to_table().to_pylist():
         scene = scenes[row["query_id"]]
@@ -53,8 +52,7 @@ def naming_accuracy(predictions: Path, manifest: Path) -> tuple[float, float, in
         for c in row["candidates"] or []:
             m = decode_rle(c["mask"])
             want = scene["candidate_descriptions"][max(range(len(given)), key=lambda i: (given[i] & m).sum())]
-            text = c["reasoning"] or ""
-            said = text[text.find(prefix) + len(prefix) :].split(suffix)[0].split() if prefix in text else []
+            said = parse_description(c["reasoning"]).split()
             n += 1
             colour += said[:1] == want.split()[:1]
             shape += said[-1:] == want.split()[-1:]
@@ -131,6 +129,12 @@ def main() -> int:
         # Think, then answer: the scorer learns to say what the highlighted region is (the training data describes
         # each given shape) and then to judge it; a Yes/No token alone stayed at chance (README, Proving ground).
         "scoring.reasoning=true",
+        # Each candidate's extremes among the scene's candidates, said after its image ("... it is the largest and
+        # the leftmost."): geometric and spatial questions become a comparison the scorer can read (scoring/facts.py).
+        "scoring.candidate_facts=true",
+        # ... and, named by a first round of reasoning, whose closest candidate it is ("It is the closest to the red
+        # star."): multi-step "the object closest to the red star" becomes a comparison as well.
+        "scoring.facts_relations=true",
         "train.checkpoint_every=250",
         "train.log_every=50",
         "ray.progress_bars=false",
@@ -141,6 +145,8 @@ def main() -> int:
         "discovery.sources=[given]",
         "scoring.show_original=false",
         "scoring.reasoning=true",
+        "scoring.candidate_facts=true",
+        "scoring.facts_relations=true",
         f"scoring.max_reasoning_tokens={a.reasoning_tokens}",
         "ray.progress_bars=false",
         "evaluate=false",

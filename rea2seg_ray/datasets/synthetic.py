@@ -54,8 +54,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 LOW_CONTRAST = "grey"  # drawn close to the background
 SHAPES = ("circle", "square", "triangle", "ellipse", "star", "hexagon", "diamond", "bar")
 BACKGROUND = np.array([128, 128, 128], dtype=np.float64)
-# The scene's chain of thought (manifest `reasoning`): what the question asks for, by name. Mask-scoring data puts
-# it before what each candidate is, so a scorer trained on it compares two names a fixed distance apart.
+# The scene's chain of thought (manifest `reasoning`): what the question asks for, by name when the question names
+# it, else by the criterion the question states ("the largest object", "the red object that is not a star"): what a
+# reader can tell from the question's words alone. Mask-scoring data puts it before what each candidate is, so a
+# scorer trained on it compares the two a fixed distance apart (and, with scoring.candidate_facts, the criterion
+# with the candidate's stated extremes).
 REASONING = "The question asks for the {target}."
 
 
@@ -177,7 +180,9 @@ def _extreme(values: list[float], largest: bool, margin: float) -> int | None:
 
 def _question(
     category: str, objs: list[SceneObject], rng: np.random.Generator, width: int
-) -> tuple[int | list[int], str | list[dict]] | None:
+) -> tuple[int | list[int], str | list[dict], str | None] | None:
+    """-> (target index or indices, question or dialogue, the criterion the reasoning restates: None to name the
+    target(s)), or None when this scene has no such question."""
     uniq_cs = _unique(objs, lambda o: (o.colour, o.shape))
     areas = [float(o.area) for o in objs]
     cents = [o.centroid() for o in objs]
@@ -193,7 +198,7 @@ def _question(
                 "Where is the {n}?",
             ]
         )
-        return t, str(tmpl).format(n=objs[t].name())
+        return t, str(tmpl).format(n=objs[t].name()), None
     if category == "geometric":
         kinds = ["largest", "smallest", "thinnest"]
         for kind in rng.permutation(kinds):
@@ -205,11 +210,12 @@ def _question(
                         f"Which object covers the {'most' if kind == 'largest' else 'least'} area in the image?"
                         if rng.random() < 0.5
                         else f"Segment the {kind} object.",
+                        f"{kind} object",
                     )
             else:
                 bars = [i for i, o in enumerate(objs) if o.shape == "bar"]
                 if len(bars) == 1:
-                    return bars[0], "Segment the long thin object."
+                    return bars[0], "Segment the long thin object.", "thinnest object"
         return None
     if category == "spatial":
         xs = [c[0] for c in cents]
@@ -229,6 +235,7 @@ def _question(
                     f"Segment the {word} object in the scene."
                     if rng.random() < 0.5
                     else f"Which shape is {word}?",
+                    f"{word} object",
                 )
         return None
     if category == "multi-step":
@@ -239,26 +246,32 @@ def _question(
                 i for i, o in enumerate(objs) if i != ref and o.colour == ro.colour and o.shape != ro.shape
             ]
             if len(same) == 1 and ro.colour != LOW_CONTRAST:
-                return same[
-                    0
-                ], f"Find the object with the same colour as the {ro.name()} that is not a {ro.shape}."
+                return (
+                    same[0],
+                    f"Find the object with the same colour as the {ro.name()} that is not a {ro.shape}.",
+                    f"{ro.colour} object that is not a {ro.shape}",
+                )
             dists = [math.dist(cents[ref], c) if i != ref else float("inf") for i, c in enumerate(cents)]
             order = np.argsort(dists)
             if len(objs) > 2 and dists[order[1]] - dists[order[0]] > 0.08 * width:
-                return int(order[0]), f"First find the {ro.name()}; then segment the object closest to it."
+                return (
+                    int(order[0]),
+                    f"First find the {ro.name()}; then segment the object closest to it.",
+                    f"object closest to the {ro.name()}",
+                )
         return None
     if category == DIALOGUE:
         named = [i for i in uniq_cs if objs[i].colour != LOW_CONTRAST]
         if not named:
             return None
         t = int(rng.choice(named))
-        return t, dialogue(objs, t, rng)
+        return t, dialogue(objs, t, rng), None
     if category == SMALL_TARGET:
         t = len(objs) - 1  # drawn last, so never occluded
         if t not in uniq_cs or objs[t].colour == LOW_CONTRAST or objs[t].shape == "bar":
             return None
         tmpl = rng.choice(["Segment the small {n}.", "Where is the little {n}?", "Find the tiny {n}."])
-        return t, str(tmpl).format(n=objs[t].name())
+        return t, str(tmpl).format(n=objs[t].name()), None
     if category == MULTI_TARGET:
         # "all the red shapes": a colour that two or three objects share (never the low-contrast grey)
         by_colour: dict[str, list[int]] = {}
@@ -270,7 +283,7 @@ def _question(
             return None
         colour = str(rng.choice(shared))
         tmpl = rng.choice(["Segment all the {c} shapes.", "Find every {c} object.", "Which objects are {c}?"])
-        return by_colour[colour], str(tmpl).format(c=colour)
+        return by_colour[colour], str(tmpl).format(c=colour), None
     raise ValueError(f"unknown category {category!r} (choose from {', '.join(ALL_CATEGORIES)})")
 
 
@@ -325,7 +338,7 @@ def make_scene(index: int, category: str, seed: int = 0, width: int = 320, heigh
         q = _question(category, objs, rng, width)
         if q is None:
             continue
-        t, question = q
+        t, question, criterion = q
         targets = t if isinstance(t, list) else [t]
         conversation = None
         if isinstance(question, list):  # a dialogue: the LISA JSON's text is its user turns, joined
@@ -348,7 +361,7 @@ def make_scene(index: int, category: str, seed: int = 0, width: int = 320, heigh
         if len(targets) > 1:
             anno["target_indices"] = targets  # multi-target: every object the question asks for
         scene = {"image": image, "annotation": anno, "objects": objs, "target": targets[0], "targets": targets,
-                 "gt": gt}  # fmt: skip
+                 "gt": gt, "criterion": criterion}  # fmt: skip
         if conversation is not None:
             scene["conversation"] = conversation
         return scene
@@ -390,7 +403,9 @@ def write_scenes(
                 "gt_mask": encode_rle(scene["gt"] == 1),
                 "candidates": [encode_rle(o.visible) for o in scene["objects"]],
                 "candidate_descriptions": [o.name() for o in scene["objects"]],
-                "reasoning": REASONING.format(target=_names([scene["objects"][i] for i in scene["targets"]])),
+                "reasoning": REASONING.format(
+                    target=scene["criterion"] or _names([scene["objects"][i] for i in scene["targets"]])
+                ),
             }
         )
         if "conversation" in scene:

@@ -28,6 +28,11 @@ TEMPLATES = {
     "final_yesno": "\nAnswer Yes or No.\n",
     # Training-data reasoning for a candidate that carries a description (e.g. a given candidate's name).
     "describe": "The highlighted region is the {description}.",
+    # scoring.candidate_facts: after the candidate image, which extremes of the query's candidates it is (facts.py).
+    "facts": "Among the {n} candidates it is the {superlatives}.",
+    "facts_none": "Among the {n} candidates it is in between in size, form and position.",
+    "facts_only": "It is the only candidate.",
+    "facts_closest": " It is the closest to the {names}.",
     # scoring.select=count: asked once per query, before the top candidates are taken.
     "count": 'How many separate objects does the question ask for? Reply with JSON {{"count": n}}, n from 1 to '
     "{most}.",
@@ -101,6 +106,39 @@ def dialogue_messages(question, head: list[dict], text: str, tail: list[dict]) -
     return msgs
 
 
+def facts_text(facts) -> str:
+    """``facts.CandidateFacts`` -> the sentence said after the candidate image ("Among the 5 candidates it is the
+    largest and the leftmost.")."""
+    if facts.n < 2:
+        return TEMPLATES["facts_only"]
+    words = [f"the {w}" for w in facts.superlatives]
+    if not words:
+        text = TEMPLATES["facts_none"].format(n=facts.n)
+    else:
+        text = TEMPLATES["facts"].format(n=facts.n, superlatives=_and(words).removeprefix("the "))
+    if facts.closest_to:
+        text += TEMPLATES["facts_closest"].format(
+            names=_and([f"the {n}" for n in facts.closest_to]).removeprefix("the ")
+        )
+    return text
+
+
+def _and(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def parse_description(reasoning: str) -> str:
+    """What reasoning says the highlighted region is ("... The highlighted region is the red star." -> "red star"),
+    in the ``describe`` form a fine-tuned scorer writes; "" when it does not say."""
+    prefix, suffix = TEMPLATES["describe"].split("{description}")
+    at = (reasoning or "").find(prefix)
+    if at < 0:
+        return ""
+    said = reasoning[at + len(prefix) :]
+    end = said.find(suffix)
+    return " ".join(said[: end if end >= 0 else len(said)].split()[:4])
+
+
 def candidate_messages(
     question,
     render: str,
@@ -108,10 +146,12 @@ def candidate_messages(
     reasoning: bool = False,
     style: str = "dim",
     show_original: bool = True,
+    facts=None,
 ) -> list[dict]:
-    """Chat messages for one candidate: [image, question, what the next image shows + the ask, candidate image].
-    ``question``: the text, or a dialogue ([{role, content}], see ``dialogue_messages``). ``show_original=False``
-    drops the first image (an overlay already shows the whole picture, dimmed)."""
+    """Chat messages for one candidate: [image, question, what the next image shows + the ask, candidate image,
+    and with ``facts`` (``facts.CandidateFacts``) what it is among the query's candidates]. ``question``: the text,
+    or a dialogue ([{role, content}], see ``dialogue_messages``). ``show_original=False`` drops the first image (an
+    overlay already shows the whole picture, dimmed)."""
     show = TEMPLATES["overlay_tint" if render == "overlay" and style == "tint" else render]
     if not show_original and render == "overlay" and style == "dim":
         show = TEMPLATES["overlay_only"]
@@ -122,6 +162,9 @@ def candidate_messages(
     # long as it can be; only the candidate image and the turn's closing tokens differ between prompts.
     head = [{"type": "image"}] if show_original else []
     tail = [{"type": "text", "text": f"{show} {ask}\n"}, {"type": "image"}]
+    if facts is not None:
+        # After the candidate image: the only text that differs between a query's candidates, closest to the answer.
+        tail.append({"type": "text", "text": "\n" + facts_text(facts)})
     return dialogue_messages(question, head, TEMPLATES["question"], tail)
 
 

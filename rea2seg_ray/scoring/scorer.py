@@ -16,8 +16,10 @@ import numpy as np
 
 from .. import get_logger
 from ..config import ModelsConfig, ScoringConfig
+from ..masks import decode_rle
 from ..records import Candidate, Query
 from .backends import HFBackend, ScoreRequest, VLLMBackend, image_key
+from .facts import candidate_facts
 from .prompts import (
     NUMERIC_SCHEMA,
     REASONING_STOP,
@@ -29,6 +31,7 @@ from .prompts import (
     count_schema,
     parse_comparative,
     parse_count,
+    parse_description,
     parse_numeric,
     render_chat,
     with_final_question,
@@ -131,6 +134,8 @@ class Scorer:
         """Score every candidate of every query; rerank; keep ``top_k``. images: (H, W, 3) uint8 RGB."""
         batch = self.build_requests(queries, images, candidates)
         t0 = time.perf_counter()
+        if self.cfg.facts_relations and batch.requests:
+            batch = self._second_round(batch, queries, candidates)
         ks = [len(candidates[s.query]) for s in batch.slots] if self.cfg.mode == "comparative" else None
         scores, notes = self._run(batch.requests, ks)
         self.timings["model"] += time.perf_counter() - t0
@@ -170,10 +175,32 @@ class Scorer:
             for r, n in zip(ranked, counts, strict=True)
         ]
 
+    def candidate_prompts(
+        self, q: Query, cands: list[Candidate], names: list[str] | None = None
+    ) -> list[str]:
+        """One prompt per candidate of ``q`` (per_candidate mode). Without candidate facts all are the same prompt
+        (one is returned); with them each ends with its own facts sentence, and ``names`` (what the first round
+        called each candidate) adds whose closest candidate it is."""
+        facts = [None]
+        if self.cfg.candidate_facts:
+            facts = candidate_facts([decode_rle(c.mask) for c in cands], names)
+        prompts = []
+        for f in facts:
+            msgs = candidate_messages(q.dialogue(), self.cfg.render, self.cfg.answer, self.cfg.reasoning,
+                                      self.cfg.overlay_style, self.cfg.show_original, f)  # fmt: skip
+            prompts.append(render_chat(self.processor, msgs))
+            log.debug("scorer prompt for %s: %r", q.query_id, prompts[-1])
+        return prompts
+
     def build_requests(
-        self, queries: list[Query], images: list[np.ndarray], candidates: list[list[Candidate]]
+        self,
+        queries: list[Query],
+        images: list[np.ndarray],
+        candidates: list[list[Candidate]],
+        names: list[list[str]] | None = None,
     ) -> _Batch:
-        """Render every candidate and build the backend requests (image and question first, candidate last)."""
+        """Render every candidate and build the backend requests (image and question first, candidate last).
+        ``names``: per query, what each candidate was called by a first round (``scoring.facts_relations``)."""
         if not (len(queries) == len(images) == len(candidates)):
             raise ValueError("queries, images and candidates must have the same length")
         t0 = time.perf_counter()
@@ -203,23 +230,13 @@ class Scorer:
                 batch.requests.append(ScoreRequest(prompt, [shown[0]], [image_key(shown[0])]))
                 batch.slots.append(_Slot(qi, -1))
             else:
-                prompt = render_chat(
-                    self.processor,
-                    candidate_messages(
-                        q.dialogue(),
-                        self.cfg.render,
-                        self.cfg.answer,
-                        self.cfg.reasoning,
-                        self.cfg.overlay_style,
-                        self.cfg.show_original,
-                    ),
-                )
-                log.debug("scorer prompt for %s: %r", q.query_id, prompt)
+                prompts = self.candidate_prompts(q, cands, None if names is None else names[qi])
                 bkey = image_key(base)
                 # A candidate image is a pure function of the base image, its mask and the render settings: key it
                 # by those instead of hashing its pixels.
                 how = f"{self.cfg.render}:{self.cfg.overlay_style}:{self.cfg.crop_margin}:{base.size}"
                 for ci, img in enumerate(shown):
+                    prompt = prompts[ci if self.cfg.candidate_facts else 0]
                     ckey = hashlib.blake2b(
                         f"{bkey}|{how}|{cands[ci].mask['counts']}".encode(), digest_size=16
                     ).hexdigest()
@@ -246,6 +263,21 @@ class Scorer:
             if not isinstance(results[qi], Exception) and cands:
                 results[qi] = rerank(cands, self.cfg.top_k)
         return results
+
+    def _second_round(self, batch: _Batch, queries: list[Query], candidates: list[list[Candidate]]) -> _Batch:
+        """``scoring.facts_relations``: the first round's reasoning names every candidate; the requests are rebuilt
+        with facts that say whose closest candidate each one is (the images are the same)."""
+        t0 = time.perf_counter()
+        said = self.backend.generate(batch.requests, self.cfg.max_reasoning_tokens, stop=[REASONING_STOP])
+        self.timings["first_round"] += time.perf_counter() - t0
+        names: list[list[str]] = [[""] * len(c) for c in candidates]
+        for slot, text in zip(batch.slots, said, strict=True):
+            names[slot.query][slot.cand] = parse_description(text)
+        prompts = {qi: self.candidate_prompts(queries[qi], candidates[qi], names[qi])
+                   for qi in {s.query for s in batch.slots}}  # fmt: skip
+        batch.requests = [ScoreRequest(prompts[s.query][s.cand], r.images, r.image_keys)
+                          for s, r in zip(batch.slots, batch.requests, strict=True)]  # fmt: skip
+        return batch
 
     def _run(self, requests: list[ScoreRequest], ks: list[int] | None):
         """-> (score per request (list of K for comparative), note per request: reasoning or an error message)."""

@@ -15,6 +15,7 @@ import pyarrow as pa
 from ..datasets import load_ground_truth
 from ..masks import decode_rle, intersection_union, iou_from_iu
 from ..records import MASK_TYPE, TURN_TYPE, Candidate, Query
+from ..scoring.facts import FACTS_TYPE, candidate_facts
 from ..scoring.prompts import TEMPLATES
 
 EXAMPLE_SCHEMA = pa.schema(
@@ -31,6 +32,9 @@ EXAMPLE_SCHEMA = pa.schema(
         ("reasoning", pa.string()),
         # The dialogue, roles kept, when the query was one (null for a question): training renders it as scoring does.
         ("conversation", pa.list_(TURN_TYPE)),
+        # The candidate measured against every candidate of its query (before negatives were balanced away):
+        # fine-tuning with scoring.candidate_facts says it after the candidate image, as scoring does.
+        ("facts", FACTS_TYPE),
     ]
 )
 
@@ -129,9 +133,11 @@ def _examples(
     examples = []
     instances = [decode_rle(r).astype(np.uint8) for r in q.gt_instances] if q.gt_instances else [gt]
     described = _described(q, shape)
-    for k, c in enumerate(found):
-        cand = Candidate.from_row(c).at_size(shape)
-        m = decode_rle(cand.mask)
+    cands = [Candidate.from_row(c).at_size(shape) for c in found]
+    masks = [decode_rle(c.mask) for c in cands]
+    names = [_description(m, described, pos_iou) for m in masks]
+    facts = candidate_facts(masks, names)
+    for k, (cand, m) in enumerate(zip(cands, masks, strict=True)):
         # Several objects answer the question: a candidate is right when it is one of them.
         iou = max(iou_from_iu(*intersection_union(m, g)) for g in instances) if instances else 0.0
         lab = label_for(iou, pos_iou, neg_iou)
@@ -140,8 +146,8 @@ def _examples(
         examples.append({
             "example_id": f"{q.query_id}#{k}", "query_id": q.query_id, "image_uri": q.image, "question": q.text(),
             "category": q.category, "mask": cand.mask, "source": cand.source, "iou": iou, "label": lab,
-            "reasoning": example_reasoning(q, _description(m, described, pos_iou)),
-            "conversation": q.conversation or None,
+            "reasoning": example_reasoning(q, names[k]),
+            "conversation": q.conversation or None, "facts": facts[k].to_struct(),
         })  # fmt: skip
     return balance(examples, max_neg_per_pos, keep_without_positive, _rng(q.query_id, seed))
 

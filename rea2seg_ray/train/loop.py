@@ -18,6 +18,7 @@ import torch
 from ..config import FinetuneConfig
 from ..images import decode, fetch
 from ..models.families import VLMFamily, family_of_dir
+from ..scoring.facts import CandidateFacts
 from ..scoring.prompts import candidate_messages, render_chat, with_final_question
 from ..scoring.render import render_query
 
@@ -47,6 +48,16 @@ def _last_occurrence(row: list[int], sub: list[int]) -> int:
         if row[i : i + len(sub)] == sub:
             return i
     raise ValueError("assistant header not found in a training row: does the chat template match the family?")
+
+
+def _facts(e: dict, relations: bool) -> CandidateFacts:
+    facts = CandidateFacts.from_struct(e.get("facts"))
+    if facts is None:
+        raise ValueError(f"example {e.get('example_id')} has no `facts`: rebuild the mask-scoring data with this "
+                         "version (rea2seg make-scoring-data) to fine-tune with scoring.candidate_facts=true")  # fmt: skip
+    if not relations:  # served without a naming round, the scorer never reads whose closest candidate it is
+        facts.closest_to = []
+    return facts
 
 
 def collate(
@@ -84,6 +95,7 @@ def collate(
             scfg.reasoning,
             scfg.overlay_style,
             scfg.show_original,
+            _facts(e, scfg.facts_relations) if scfg.candidate_facts else None,
         )
         turn = with_final_question(e.get("reasoning") or "") if scfg.reasoning else ""
         texts.append(render_chat(processor, msgs, answer=turn + e["label"]))

@@ -82,7 +82,7 @@ def serving_overrides(cfg: FinetuneConfig) -> dict:
 
     from ..config import ScoringConfig
 
-    keys = ("render", "overlay_style", "show_original", "reasoning", "image_max_side", "crop_margin",
+    keys = ("render", "overlay_style", "show_original", "reasoning", "candidate_facts", "facts_relations", "image_max_side", "crop_margin",
             "yes_token", "no_token")  # fmt: skip
     base, used = asdict(ScoringConfig()), asdict(cfg.scoring)
     return {k: used[k] for k in keys if used[k] != base[k]}

@@ -151,3 +151,27 @@ def test_count_selection_asks_the_scorer_how_many(vllm_scorer, inputs):
     one = Scorer(ScoringConfig(backend="vllm", select="count", select_max=1), ModelsConfig(),
                  backend=vllm_scorer.backend)  # fmt: skip
     assert one.select(qs, images, ranked) == [[0]] * len(qs)
+
+
+def test_candidate_facts_end_each_candidates_prompt(vllm_scorer, inputs):
+    """scoring.candidate_facts: every candidate's prompt ends with its own extremes among the query's candidates
+    (measured from the candidates' masks), then the assistant turn; the scores stay in [0, 1]."""
+    from rea2seg_ray.masks import decode_rle
+    from rea2seg_ray.scoring.facts import candidate_facts
+    from rea2seg_ray.scoring.prompts import facts_text
+
+    qs, images, cands = inputs
+    s = Scorer(
+        ScoringConfig(backend="vllm", candidate_facts=True), ModelsConfig(), backend=vllm_scorer.backend
+    )
+    mine = copy.deepcopy(cands[:1])
+    reqs = s.build_requests(qs[:1], images[:1], mine).requests
+    said = [facts_text(f) for f in candidate_facts([decode_rle(c.mask) for c in mine[0]])]
+    assert len(reqs) == len(said) >= 2 and len({r.prompt for r in reqs}) == len(set(said)) >= 2
+    for r, text in zip(reqs, said, strict=True):
+        assert r.prompt.split("<|vision_end|>")[-1].startswith(
+            "\n" + text + "<|im_end|>\n<|im_start|>assistant\n"
+        )
+    assert any("the largest" in t for t in said) and any("the smallest" in t for t in said)
+    (r,) = s.score(qs[:1], images[:1], mine)
+    assert all(0.0 <= c.score <= 1.0 for c in r)
