@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
-"""The proving ground: train a tiny scorer from scratch on synthetic scenes (at most 15 minutes on this CPU), serve
+"""The proving ground: train a tiny scorer from scratch on synthetic scenes (20 minutes on this CPU), serve
 it with vLLM in `rea2seg segment`, and compare top-1 gIoU per question kind with the untrained scorer on held-out
 scenes. Every step goes through the user's entry points (`rea2seg ...`). `make proving-ground` runs it.
 
 Training and held-out scenes cover every kind (colour-and-shape, geometric, spatial, multi-step, and multi-target,
 whose held-out scenes are served with `scoring.select=threshold` so the answer may be several candidates); each
-training scene names its target(s) as the reasoning to learn. Targets: >= 2x the untrained scorer overall and
->= 1.5x on each kind.
+training scene's reasoning restates what its question asks for (the target by name, or the criterion: "the largest
+object", "the object closest to the red star") and then what each candidate is. The scorer is trained and served
+with candidate facts and two rounds of reasoning (`scoring.candidate_facts`, `scoring.facts_relations`): each
+candidate's extremes among the scene's candidates, and whose closest candidate it is. Targets: >= 2x the untrained
+scorer overall and >= 1.5x on each kind.
 
-    python scripts/proving_ground.py [--out outputs/proving-ground] [--train-scenes 4000] [--minutes 13]
+    python scripts/proving_ground.py [--out outputs/proving-ground] [--train-scenes 4000] [--minutes 20]
 """
 
 from __future__ import annotations
@@ -65,9 +68,9 @@ def main() -> int:
     ap.add_argument("--train-scenes", type=int, default=4000)
     ap.add_argument("--heldout-scenes", type=int, default=400)
     ap.add_argument(
-        "--minutes", type=float, default=13.0, help="training budget (the proving ground allows 15)"
+        "--minutes", type=float, default=20.0, help="training budget (the whole loop must fit in 30 minutes)"
     )
-    ap.add_argument("--max-steps", type=int, default=3000)
+    ap.add_argument("--max-steps", type=int, default=4000, help="the cosine schedule's length")
     ap.add_argument(
         "--reasoning-tokens", type=int, default=24, help="scoring.max_reasoning_tokens when served"
     )
