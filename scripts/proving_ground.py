@@ -80,6 +80,11 @@ def main() -> int:
         "--kinds", default=",".join([*CATS, MULTI]), help="question kinds trained on (comma-separated)"
     )
     ap.add_argument(
+        "--max-neg-per-pos",
+        default="1",
+        help="make-scoring-data's negatives kept per positive (0: every negative, e.g. the object a question names)",
+    )
+    ap.add_argument(
         "--select-threshold", default="0.5", help="scoring.select_threshold for multi-target scenes"
     )
     a = ap.parse_args()
@@ -110,6 +115,7 @@ def main() -> int:
         f"input={out / 'train' / 'scenes.jsonl'}",
         f"output={out / 'data'}",
         "discovery.sources=[given]",
+        f"max_neg_per_pos={a.max_neg_per_pos}",
         "ray.progress_bars=false",
     )
     t0 = time.perf_counter()
