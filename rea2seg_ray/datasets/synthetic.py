@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from ..masks import _draw_polygon, encode_rle, shapes_to_mask
+from ..scoring.prompts import spoken_list
 
 CATEGORIES = ("discriminative", "geometric", "spatial", "multi-step")
 # Questions whose answer is several objects ("all the red shapes"); asked for by name (make-scenes categories=...).
@@ -370,8 +371,7 @@ def make_scene(index: int, category: str, seed: int = 0, width: int = 320, heigh
 
 def _names(objs: list[SceneObject]) -> str:
     """'red star' / 'red star and red circle' / 'red star, red circle and red bar'."""
-    names = [o.name() for o in objs]
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return spoken_list([o.name() for o in objs])
 
 
 def write_scenes(

@@ -82,27 +82,35 @@ def measure(mask: np.ndarray) -> tuple[float, float, float, float]:
 def candidate_facts(masks: list[np.ndarray], names: list[str] | None = None) -> list[CandidateFacts]:
     """The query's candidate masks (each (H, W), any size) -> one ``CandidateFacts`` per candidate, in order. A
     superlative goes to the one candidate with the extreme value, and only when no other shares it (to 1e-6) and
-    there are at least two candidates. ``names`` (one per mask, "" for unnamed): each named candidate's closest
-    other candidate (centroid distance in the first mask's pixels, a unique one) gets its name in ``closest_to``."""
-    measured = [measure(m) for m in masks]
-    facts = [CandidateFacts(len(masks), *m) for m in measured]
+    there are at least two candidates. ``names``: see ``relate``."""
+    facts = [CandidateFacts(len(masks), *measure(m)) for m in masks]
     if len(facts) < 2:
         return facts
     if names is not None:
-        h, w = masks[0].shape
-        xy = np.array([[f.cx * w, f.cy * h] for f in facts])
-        for i, name in enumerate(names):
-            if not name:
-                continue
-            d = np.hypot(*(xy - xy[i]).T)
-            d[i] = np.inf
-            near = np.flatnonzero(d <= d.min() + 1e-6)
-            if len(near) == 1:
-                facts[int(near[0])].closest_to.append(name)
+        relate(facts, names, masks[0].shape)
     for word, attr, largest in SUPERLATIVES:
         vals = np.array([getattr(f, attr) for f in facts], dtype=np.float64)
         best = vals.max() if largest else vals.min()
         winners = np.flatnonzero(np.abs(vals - best) <= 1e-6)
         if len(winners) == 1:
             facts[int(winners[0])].superlatives.append(word)
+    return facts
+
+
+def relate(facts: list[CandidateFacts], names: list[str], shape: tuple[int, int]) -> list[CandidateFacts]:
+    """``names`` (one per candidate, "" for unnamed): each named candidate's closest other candidate (centroid
+    distance in pixels of an (H, W) ``shape`` image, a unique one) gets its name in ``closest_to``. In place; returns
+    ``facts``. Needs only the measured centroids, so a second round relates without measuring the masks again."""
+    if len(facts) < 2:
+        return facts
+    h, w = shape
+    xy = np.array([[f.cx * w, f.cy * h] for f in facts])
+    for i, name in enumerate(names):
+        if not name:
+            continue
+        d = np.hypot(*(xy - xy[i]).T)
+        d[i] = np.inf
+        near = np.flatnonzero(d <= d.min() + 1e-6)
+        if len(near) == 1:
+            facts[int(near[0])].closest_to.append(name)
     return facts

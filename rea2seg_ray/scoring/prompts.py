@@ -29,10 +29,10 @@ TEMPLATES = {
     # Training-data reasoning for a candidate that carries a description (e.g. a given candidate's name).
     "describe": "The highlighted region is the {description}.",
     # scoring.candidate_facts: after the candidate image, which extremes of the query's candidates it is (facts.py).
-    "facts": "Among the {n} candidates it is the {superlatives}.",
+    "facts": "Among the {n} candidates it is {superlatives}.",
     "facts_none": "Among the {n} candidates it is in between in size, form and position.",
     "facts_only": "It is the only candidate.",
-    "facts_closest": " It is the closest to the {names}.",
+    "facts_closest": " It is the closest to {names}.",
     # scoring.select=count: asked once per query, before the top candidates are taken.
     "count": 'How many separate objects does the question ask for? Reply with JSON {{"count": n}}, n from 1 to '
     "{most}.",
@@ -111,19 +111,19 @@ def facts_text(facts) -> str:
     largest and the leftmost.")."""
     if facts.n < 2:
         return TEMPLATES["facts_only"]
-    words = [f"the {w}" for w in facts.superlatives]
-    if not words:
+    if not facts.superlatives:
         text = TEMPLATES["facts_none"].format(n=facts.n)
     else:
-        text = TEMPLATES["facts"].format(n=facts.n, superlatives=_and(words).removeprefix("the "))
-    if facts.closest_to:
-        text += TEMPLATES["facts_closest"].format(
-            names=_and([f"the {n}" for n in facts.closest_to]).removeprefix("the ")
+        text = TEMPLATES["facts"].format(
+            n=facts.n, superlatives=spoken_list([f"the {w}" for w in facts.superlatives])
         )
+    if facts.closest_to:
+        text += TEMPLATES["facts_closest"].format(names=spoken_list([f"the {n}" for n in facts.closest_to]))
     return text
 
 
-def _and(words: list[str]) -> str:
+def spoken_list(words: list[str]) -> str:
+    """['the red star'] -> 'the red star'; ['a', 'b', 'c'] -> 'a, b and c'."""
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 

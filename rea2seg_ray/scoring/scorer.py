@@ -6,6 +6,7 @@ cache serves each query's image+question prefix once.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import time
@@ -19,7 +20,7 @@ from ..config import ModelsConfig, ScoringConfig
 from ..masks import decode_rle
 from ..records import Candidate, Query
 from .backends import HFBackend, ScoreRequest, VLLMBackend, image_key
-from .facts import candidate_facts
+from .facts import candidate_facts, relate
 from .prompts import (
     NUMERIC_SCHEMA,
     REASONING_STOP,
@@ -84,6 +85,8 @@ class _Batch:
     results: list
     requests: list[ScoreRequest] = field(default_factory=list)
     slots: list[_Slot] = field(default_factory=list)
+    # scoring.candidate_facts: per query index, (its candidates' facts, the shape their centroids are measured in)
+    facts: dict[int, tuple[list, tuple[int, int]]] = field(default_factory=dict)
 
 
 class Scorer:
@@ -175,17 +178,12 @@ class Scorer:
             for r, n in zip(ranked, counts, strict=True)
         ]
 
-    def candidate_prompts(
-        self, q: Query, cands: list[Candidate], names: list[str] | None = None
-    ) -> list[str]:
-        """One prompt per candidate of ``q`` (per_candidate mode). Without candidate facts all are the same prompt
-        (one is returned); with them each ends with its own facts sentence, and ``names`` (what the first round
-        called each candidate) adds whose closest candidate it is."""
-        facts = [None]
-        if self.cfg.candidate_facts:
-            facts = candidate_facts([decode_rle(c.mask) for c in cands], names)
+    def candidate_prompts(self, q: Query, facts: list | None) -> list[str]:
+        """One prompt per candidate of ``q`` (per_candidate mode). Without candidate facts (None) all are the same
+        prompt (one is returned); with them (``facts.CandidateFacts`` per candidate) each ends with its own facts
+        sentence."""
         prompts = []
-        for f in facts:
+        for f in facts or [None]:
             msgs = candidate_messages(q.dialogue(), self.cfg.render, self.cfg.answer, self.cfg.reasoning,
                                       self.cfg.overlay_style, self.cfg.show_original, f)  # fmt: skip
             prompts.append(render_chat(self.processor, msgs))
@@ -193,14 +191,9 @@ class Scorer:
         return prompts
 
     def build_requests(
-        self,
-        queries: list[Query],
-        images: list[np.ndarray],
-        candidates: list[list[Candidate]],
-        names: list[list[str]] | None = None,
+        self, queries: list[Query], images: list[np.ndarray], candidates: list[list[Candidate]]
     ) -> _Batch:
-        """Render every candidate and build the backend requests (image and question first, candidate last).
-        ``names``: per query, what each candidate was called by a first round (``scoring.facts_relations``)."""
+        """Render every candidate and build the backend requests (image and question first, candidate last)."""
         if not (len(queries) == len(images) == len(candidates)):
             raise ValueError("queries, images and candidates must have the same length")
         t0 = time.perf_counter()
@@ -230,7 +223,12 @@ class Scorer:
                 batch.requests.append(ScoreRequest(prompt, [shown[0]], [image_key(shown[0])]))
                 batch.slots.append(_Slot(qi, -1))
             else:
-                prompts = self.candidate_prompts(q, cands, None if names is None else names[qi])
+                facts = None
+                if self.cfg.candidate_facts:
+                    masks = [decode_rle(c.mask) for c in cands]
+                    facts = candidate_facts(masks)
+                    batch.facts[qi] = (facts, masks[0].shape)
+                prompts = self.candidate_prompts(q, facts)
                 bkey = image_key(base)
                 # A candidate image is a pure function of the base image, its mask and the render settings: key it
                 # by those instead of hashing its pixels.
@@ -273,8 +271,9 @@ class Scorer:
         names: list[list[str]] = [[""] * len(c) for c in candidates]
         for slot, text in zip(batch.slots, said, strict=True):
             names[slot.query][slot.cand] = parse_description(text)
-        prompts = {qi: self.candidate_prompts(queries[qi], candidates[qi], names[qi])
-                   for qi in {s.query for s in batch.slots}}  # fmt: skip
+        # The first round's facts, related by the names (the masks are not measured again).
+        prompts = {qi: self.candidate_prompts(queries[qi], relate(copy.deepcopy(facts), names[qi], shape))
+                   for qi, (facts, shape) in batch.facts.items()}  # fmt: skip
         batch.requests = [ScoreRequest(prompts[s.query][s.cand], r.images, r.image_keys)
                           for s, r in zip(batch.slots, batch.requests, strict=True)]  # fmt: skip
         return batch
