@@ -81,8 +81,9 @@ def main() -> int:
     )
     ap.add_argument(
         "--max-neg-per-pos",
-        default="1",
-        help="make-scoring-data's negatives kept per positive (0: every negative, e.g. the object a question names)",
+        default="0",
+        help="make-scoring-data's negatives kept per positive (0, the default: every negative, so the object a "
+        "'closest to the X' question names is always among them; 1: the highest-IoU one, random among ties)",
     )
     ap.add_argument(
         "--select-threshold", default="0.5", help="scoring.select_threshold for multi-target scenes"
