@@ -2,12 +2,13 @@
 the scorer reads after the candidate image, and the same sentence in fine-tuning rows."""
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from rea2seg_ray.config import ScoringConfig
 from rea2seg_ray.scoring.facts import CandidateFacts, candidate_facts, measure
 from rea2seg_ray.scoring.prompts import candidate_messages, facts_text
+
+from .scoring_rows import label_scene
 
 
 def _box(y0, y1, x0, x1, shape=(40, 60)):
@@ -78,22 +79,13 @@ def test_the_facts_sentence_follows_the_candidate_image():
 
 def test_training_rows_carry_facts_measured_against_every_candidate():
     """Negatives balanced away still count: the kept candidate is 'the smallest' of all three found."""
-    from rea2seg_ray.masks import encode_rle, mask_bbox
-    from rea2seg_ray.records import Candidate, Query
-    from rea2seg_ray.runtime.inputs import IMAGE_ROW_SCHEMA
-    from rea2seg_ray.train.data import label_batch
+    from rea2seg_ray.masks import encode_rle
+    from rea2seg_ray.records import Query
 
-    h, w = 40, 60
     target, big, other = _box(30, 36, 50, 56), _box(2, 30, 2, 30), _box(5, 20, 35, 50)
     q = Query("q1", "img.png", "Segment the smallest object.", gt_mask=encode_rle(target))
-    cands = [
-        Candidate(mask=encode_rle(m), bbox=mask_bbox(m), area=int(m.sum())).to_row()
-        for m in (target, big, other)
-    ]
-    row = {"image_uri": "img.png", "part": 0, "queries": [dict(q.to_struct(), found=cands)], "height": h, "width": w,
-           "proc_h": h, "proc_w": w, "image": bytes(h * w * 3)}  # fmt: skip
     # One negative per positive: one of the two negatives is dropped.
-    out = label_batch(pa.Table.from_pylist([row], schema=IMAGE_ROW_SCHEMA), 0.7, 0.3, 1, True, 0).to_pylist()
+    out = label_scene(q, [target, big, other], max_neg_per_pos=1)
     assert len(out) == 2
     by_id = {r["example_id"]: r["facts"] for r in out}
     assert by_id["q1#0"]["n"] == 3 and by_id["q1#0"]["superlatives"] == ["smallest", "rightmost", "lowest"]

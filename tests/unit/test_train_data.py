@@ -5,6 +5,8 @@ import pytest
 
 from rea2seg_ray.train.data import balance, label_for
 
+from .scoring_rows import label_scene
+
 
 def test_labels_drop_the_ambiguous_band():
     assert label_for(0.9, 0.7, 0.3) == "Yes" and label_for(0.7, 0.7, 0.3) == "Yes"
@@ -118,13 +120,8 @@ def test_collate_with_reasoning_trains_the_turn_the_scorer_is_served(model_cache
 
 
 def test_candidates_with_descriptions_become_reasoning():
-
-    import pyarrow as pa
-
-    from rea2seg_ray.masks import encode_rle, mask_bbox
-    from rea2seg_ray.records import Candidate, Query
-    from rea2seg_ray.runtime.inputs import IMAGE_ROW_SCHEMA
-    from rea2seg_ray.train.data import label_batch
+    from rea2seg_ray.masks import encode_rle
+    from rea2seg_ray.records import Query
 
     h, w = 40, 60
     target, other, stray = (np.zeros((h, w), bool) for _ in range(3))
@@ -136,14 +133,7 @@ def test_candidates_with_descriptions_become_reasoning():
         candidates=[encode_rle(target), encode_rle(other)],
         meta={"candidate_descriptions": ["red square", "blue circle"], "reasoning": "Squares have four corners."},
     )  # fmt: skip
-    cands = [
-        Candidate(mask=encode_rle(m), bbox=mask_bbox(m), area=int(m.sum())).to_row()
-        for m in (nearly, other, stray)
-    ]
-    # One image row as the discovery stage emits it: the query as its native struct, candidates found.
-    row = {"image_uri": "img.png", "part": 0, "queries": [dict(q.to_struct(), found=cands)], "height": h, "width": w,
-           "proc_h": h, "proc_w": w, "image": bytes(h * w * 3)}  # fmt: skip
-    out = label_batch(pa.Table.from_pylist([row], schema=IMAGE_ROW_SCHEMA), 0.7, 0.3, 0, True, 0).to_pylist()
+    out = label_scene(q, [nearly, other, stray])
     why = {r["example_id"]: (r["label"], r["reasoning"]) for r in out}
     assert why == {
         "q1#0": ("Yes", "Squares have four corners. The highlighted region is the red square."),
@@ -166,12 +156,8 @@ def test_export_records_the_prompt_settings_to_serve_with():
 def test_each_instance_of_a_multi_object_answer_is_a_yes():
     """With gt_instances a candidate is labelled by the instance it overlaps best: one of several red shapes is a
     right answer (its IoU with the union alone would make it a No); the conversation rides along."""
-    import pyarrow as pa
-
-    from rea2seg_ray.masks import encode_rle, mask_bbox
-    from rea2seg_ray.records import Candidate, Query
-    from rea2seg_ray.runtime.inputs import IMAGE_ROW_SCHEMA
-    from rea2seg_ray.train.data import label_batch
+    from rea2seg_ray.masks import encode_rle
+    from rea2seg_ray.records import Query
 
     h, w = 40, 60
     a, b, c = (np.zeros((h, w), bool) for _ in range(3))
@@ -179,10 +165,7 @@ def test_each_instance_of_a_multi_object_answer_is_a_yes():
     conv = [{"role": "user", "content": "Shapes?"}, {"role": "assistant", "content": "Which?"},
             {"role": "user", "content": "All the red ones."}]  # fmt: skip
     q = Query("m1", "img.png", conversation=conv, gt_instances=[encode_rle(a), encode_rle(b)])
-    cands = [Candidate(mask=encode_rle(m), bbox=mask_bbox(m), area=int(m.sum())).to_row() for m in (a, b, c)]
-    row = {"image_uri": "img.png", "part": 0, "queries": [dict(q.to_struct(), found=cands)], "height": h, "width": w,
-           "proc_h": h, "proc_w": w, "image": bytes(h * w * 3)}  # fmt: skip
-    out = label_batch(pa.Table.from_pylist([row], schema=IMAGE_ROW_SCHEMA), 0.7, 0.3, 0, True, 0).to_pylist()
+    out = label_scene(q, [a, b, c])
     assert {r["example_id"]: (r["label"], r["iou"]) for r in out} == {
         "m1#0": ("Yes", 1.0), "m1#1": ("Yes", 1.0), "m1#2": ("No", 0.0)}  # fmt: skip
     assert out[0]["conversation"] == conv
