@@ -72,7 +72,7 @@ def main() -> int:
     )
     ap.add_argument("--max-steps", type=int, default=4000, help="the cosine schedule's length")
     ap.add_argument(
-        "--reasoning-tokens", type=int, default=24, help="scoring.max_reasoning_tokens when served"
+        "--reasoning-tokens", type=int, default=40, help="scoring.max_reasoning_tokens when served"
     )
     ap.add_argument("--lr", default="1e-3")
     ap.add_argument("--init-range", default="0.06")
@@ -81,9 +81,9 @@ def main() -> int:
     )
     ap.add_argument(
         "--max-neg-per-pos",
-        default="0",
-        help="make-scoring-data's negatives kept per positive (0, the default: every negative, so the object a "
-        "'closest to the X' question names is always among them; 1: the highest-IoU one, random among ties)",
+        default="1",
+        help="make-scoring-data's negatives kept per positive (the hardest: highest IoU, then the ones the question "
+        "names, e.g. the X of 'closest to the X'; 0: every negative)",
     )
     ap.add_argument(
         "--select-threshold", default="0.5", help="scoring.select_threshold for multi-target scenes"

@@ -33,6 +33,10 @@ TEMPLATES = {
     "facts_none": "Among the {n} candidates it is in between in size, form and position.",
     "facts_only": "It is the only candidate.",
     "facts_closest": " It is the closest to {names}.",
+    # scoring.facts_relations: fine-tuning reasoning ends by restating the relation the facts give, worded like a
+    # "closest to" question's restated criterion ("The question asks for the object closest to the red star."), so
+    # the answer follows two sentences that match word for word, as the describe sentence matches a named target.
+    "relation": "It is the object closest to {names}.",
     # scoring.select=count: asked once per query, before the top candidates are taken.
     "count": 'How many separate objects does the question ask for? Reply with JSON {{"count": n}}, n from 1 to '
     "{most}.",
@@ -120,6 +124,17 @@ def facts_text(facts) -> str:
     if facts.closest_to:
         text += TEMPLATES["facts_closest"].format(names=spoken_list([f"the {n}" for n in facts.closest_to]))
     return text
+
+
+def reasoning_with_relations(reasoning: str, facts) -> str:
+    """Training reasoning for a candidate served with relations (``scoring.facts_relations``): the example's
+    reasoning, then whose closest candidate it is when the facts say so ("... The highlighted region is the blue
+    circle. It is the object closest to the red star."); unchanged without relations. The scorer learns to copy the
+    relation from the facts sentence into its reasoning, next to the answer."""
+    if not facts.closest_to:
+        return reasoning
+    relation = TEMPLATES["relation"].format(names=spoken_list([f"the {n}" for n in facts.closest_to]))
+    return f"{reasoning} {relation}" if reasoning else relation
 
 
 def spoken_list(words: list[str]) -> str:

@@ -52,10 +52,14 @@ def _rng(query_id: str, seed: int) -> np.random.Generator:
 
 
 def balance(
-    examples: list[dict], max_neg_per_pos: float, keep_without_positive: bool, rng: np.random.Generator
+    examples: list[dict],
+    max_neg_per_pos: float,
+    keep_without_positive: bool,
+    rng: np.random.Generator,
+    named: set[str] | frozenset[str] = frozenset(),
 ) -> list[dict]:
-    """Keep every positive and at most ``max_neg_per_pos`` negatives per positive (hardest, i.e. highest IoU,
-    first; random among ties). 0 keeps all."""
+    """Keep every positive and at most ``max_neg_per_pos`` negatives per positive (hardest first: highest IoU,
+    then the ones the question names, ``named`` example ids; random among ties). 0 keeps all."""
     if max_neg_per_pos <= 0:
         return examples
     pos = [e for e in examples if e["label"] == "Yes"]
@@ -65,7 +69,9 @@ def balance(
         if pos
         else (max(1, int(np.ceil(max_neg_per_pos))) if keep_without_positive else 0)
     )
-    order = sorted(range(len(neg)), key=lambda i: (-neg[i]["iou"], rng.random()))
+    order = sorted(
+        range(len(neg)), key=lambda i: (-neg[i]["iou"], neg[i]["example_id"] not in named, rng.random())
+    )
     return pos + [neg[i] for i in order[:n]]
 
 
@@ -149,7 +155,11 @@ def _examples(
             "reasoning": example_reasoning(q, names[k]),
             "conversation": q.conversation or None, "facts": facts[k].to_struct(),
         })  # fmt: skip
-    return balance(examples, max_neg_per_pos, keep_without_positive, _rng(q.query_id, seed))
+    # A wrong candidate the question names ("First find the red star; then segment the object closest to it.") is
+    # the negative that teaches reading the question past its nouns: kept before others of the same IoU.
+    question = q.text().lower()
+    named = {f"{q.query_id}#{k}" for k, n in enumerate(names) if n and n.lower() in question}
+    return balance(examples, max_neg_per_pos, keep_without_positive, _rng(q.query_id, seed), named)
 
 
 def build_scoring_data(cfg) -> dict:

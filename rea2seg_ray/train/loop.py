@@ -19,7 +19,7 @@ from ..config import FinetuneConfig
 from ..images import decode, fetch
 from ..models.families import VLMFamily, family_of_dir
 from ..scoring.facts import CandidateFacts
-from ..scoring.prompts import candidate_messages, render_chat, with_final_question
+from ..scoring.prompts import candidate_messages, reasoning_with_relations, render_chat, with_final_question
 from ..scoring.render import render_query
 
 STATE_FILE = "train_state.pt"
@@ -88,6 +88,7 @@ def collate(
             scfg.crop_margin,
             size,
         )
+        facts = _facts(e, scfg.facts_relations) if scfg.candidate_facts else None
         msgs = candidate_messages(
             e.get("conversation") or e["question"],
             scfg.render,
@@ -95,9 +96,12 @@ def collate(
             scfg.reasoning,
             scfg.overlay_style,
             scfg.show_original,
-            _facts(e, scfg.facts_relations) if scfg.candidate_facts else None,
+            facts,
         )
-        turn = with_final_question(e.get("reasoning") or "") if scfg.reasoning else ""
+        reasoning = e.get("reasoning") or ""
+        if facts is not None:  # closest_to is non-empty only with scoring.facts_relations
+            reasoning = reasoning_with_relations(reasoning, facts)
+        turn = with_final_question(reasoning) if scfg.reasoning else ""
         texts.append(render_chat(processor, msgs, answer=turn + e["label"]))
         pics += [base, cand] if scfg.show_original else [cand]
     inputs = processor(text=texts, images=pics, return_tensors="pt", padding=True)

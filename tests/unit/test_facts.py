@@ -122,9 +122,10 @@ def test_fine_tuning_rows_end_with_the_facts_the_scorer_is_served(model_cache):
     served = render_chat(proc, candidate_messages(q.question, "overlay", reasoning=True, show_original=False,
                                                   facts=facts))  # fmt: skip
     pad = "<|image_pad|>"
+    # ... and the reasoning it learns to write ends by restating the relation, worded like the question's criterion.
+    reasoning = "The question asks for the smallest object. It is the object closest to the red star."
     assert (
-        row.replace(pad, "")
-        == served.replace(pad, "") + with_final_question(e["reasoning"]) + "Yes<|im_end|>\n"
+        row.replace(pad, "") == served.replace(pad, "") + with_final_question(reasoning) + "Yes<|im_end|>\n"
     )
     assert (
         "Among the 4 candidates it is the smallest and the lowest. It is the closest to the red star."

@@ -14,8 +14,8 @@ def test_labels_drop_the_ambiguous_band():
     assert label_for(0.5, 0.7, 0.3) is None
 
 
-def _ex(label, iou):
-    return {"label": label, "iou": iou}
+def _ex(label, iou, example_id="q#0"):
+    return {"label": label, "iou": iou, "example_id": example_id}
 
 
 def test_balance_keeps_positives_and_hardest_negatives():
@@ -25,6 +25,12 @@ def test_balance_keeps_positives_and_hardest_negatives():
     assert [e["label"] for e in out] == ["Yes", "No"] and out[1]["iou"] == 0.25
     assert len(balance(ex, 2.0, True, rng)) == 3
     assert len(balance(ex, 0, True, rng)) == 5  # 0 keeps everything
+    # Among negatives of equal IoU, the one the question names comes first.
+    tied = [_ex("Yes", 1.0)] + [_ex("No", 0.0, f"q#{k}") for k in range(1, 5)]
+    assert all(
+        balance(tied, 1.0, True, np.random.default_rng(s), {"q#3"})[1]["example_id"] == "q#3"
+        for s in range(8)
+    )
     only_neg = [_ex("No", 0.1), _ex("No", 0.2)]
     assert len(balance(only_neg, 1.0, True, rng)) == 1 and balance(only_neg, 1.0, False, rng) == []
 
