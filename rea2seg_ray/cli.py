@@ -76,17 +76,9 @@ def cmd_make_scenes(cfg: MakeScenesConfig) -> int:
 
 def cmd_evaluate(cfg: EvaluateConfig) -> int:
     from .eval.plots import PLOTS
-    from .eval.report import (
-        evaluate_predictions,
-        read_predictions,
-        render_markdown,
-        write_gallery,
-        write_report,
-    )
+    from .eval.report import evaluate_predictions, render_markdown, write_gallery, write_report
 
-    preds = read_predictions(cfg.predictions)
-    metrics, scores = evaluate_predictions(preds, cfg.dataset, k=cfg.k, **read_args(cfg))
-    del preds
+    metrics, scores = evaluate_predictions(cfg.predictions, cfg.dataset, k=cfg.k, **read_args(cfg))
     paths = write_report(metrics, scores, cfg.output, k=cfg.k, title=cfg.title)
     gallery = write_gallery(
         cfg.gallery, cfg.predictions, cfg.output, scores, cfg.dataset, [f"../plots/{n}" for n in PLOTS],
@@ -103,13 +95,7 @@ def cmd_segment(cfg: SegmentConfig) -> int:
     from . import storage
     from .datasets import DatasetError
     from .eval.plots import PLOTS
-    from .eval.report import (
-        evaluate_predictions,
-        read_predictions,
-        render_markdown,
-        write_gallery,
-        write_report,
-    )
+    from .eval.report import evaluate_predictions, render_markdown, write_gallery, write_report
     from .pipeline.graph import predictions_uri, run_segment
 
     summary = run_segment(cfg)
@@ -121,9 +107,7 @@ def cmd_segment(cfg: SegmentConfig) -> int:
     scores, plots = None, None
     if cfg.evaluate:
         try:
-            metrics, scores = evaluate_predictions(
-                read_predictions(pred_uri), summary.input, limit=cfg.limit, **read_args(cfg)
-            )
+            metrics, scores = evaluate_predictions(pred_uri, summary.input, limit=cfg.limit, **read_args(cfg))
         except DatasetError as e:
             log.info("no evaluation: %s", e)
         else:

@@ -86,6 +86,11 @@ def image_size(uri: str) -> tuple[int, int]:
     return h, w
 
 
+def has_ground_truth(q: Query) -> bool:
+    """Whether the query names a ground truth (``gt_mask``, ``gt_instances`` or ``gt_json``), without loading it."""
+    return bool(q.gt_mask or q.gt_instances or q.gt_json)
+
+
 def load_ground_truth(q: Query, shape: tuple[int, int] | None = None) -> np.ndarray | None:
     """(H, W) uint8 ground truth {0, 1, 255} for a query, or None when it has none. With only ``gt_instances``,
     their union. ``shape`` (H, W): the image's size when the caller knows it (a LISA JSON's polygons are drawn at

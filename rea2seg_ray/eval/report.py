@@ -6,52 +6,68 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 
 import pyarrow.parquet as pq
 
 from .. import storage
-from ..datasets import DatasetError, ground_truth_instances, load_ground_truth, read_queries
-from ..records import Prediction
+from ..datasets import DatasetError, ground_truth_instances, has_ground_truth, load_ground_truth, read_queries
+from ..records import Prediction, Query
 from .metrics import QueryScore, aggregate, score_query
 
 CATEGORY_ORDER = ["short", "long", "discriminative", "geometric", "spatial", "multi-step"]
 
 
-def read_predictions(uri: str) -> dict[str, Prediction]:
-    """Predictions Parquet (a file, or a folder/prefix of *.parquet parts) -> {query_id: Prediction}."""
+def prediction_files(uri: str) -> list[str]:
+    """Predictions Parquet (a file, or a folder/prefix of *.parquet parts) -> its files."""
     if storage.is_dir(uri):
         files = [f for f in storage.list_files(uri, recursive=True) if f.endswith(".parquet")]
         if not files:
             raise FileNotFoundError(f"{uri}: no *.parquet files")
-    elif storage.exists(uri):
-        files = [uri]
-    else:
-        raise FileNotFoundError(f"predictions not found: {uri}")
-    preds: dict[str, Prediction] = {}
-    for f in files:
-        for row in pq.read_table(io.BytesIO(storage.read_bytes(f))).to_pylist():
-            p = Prediction.from_row(row)
-            preds[p.query_id] = p  # a resumed run never duplicates ids; if a file did, the last row wins
-    return preds
+        return files
+    if storage.exists(uri):
+        return [uri]
+    raise FileNotFoundError(f"predictions not found: {uri}")
+
+
+def iter_predictions(uri: str, batch_rows: int = 256) -> Iterator[Prediction]:
+    """Every prediction row of ``uri``, one file and ``batch_rows`` rows at a time (never the whole output)."""
+    for f in prediction_files(uri):
+        for batch in pq.ParquetFile(io.BytesIO(storage.read_bytes(f))).iter_batches(batch_size=batch_rows):
+            for row in batch.to_pylist():
+                yield Prediction.from_row(row)
 
 
 def evaluate_predictions(
-    predictions: dict[str, Prediction],
+    predictions: str,
     dataset: str,
     k: int = 3,
     **read_args,
 ) -> tuple[dict, list[QueryScore]]:
     """Score every ground-truth query of ``dataset`` (read with ``read_queries``' ``read_args``: format, texts,
-    limit, split, images); a query with no (or a failed) prediction scores 0."""
-    scores: list[QueryScore] = []
+    limit, split, images) against the predictions Parquet at ``predictions``; a query with no (or a failed)
+    prediction scores 0. Returns the metrics and one QueryScore per query, in the dataset's order.
+
+    Memory: the dataset's queries (ids and ground-truth references) and one small score per query; the predictions,
+    with every candidate's mask, are streamed a batch at a time. A dataset without ground truth is refused at its
+    first query, before any prediction is read (the segmentation job's default evaluation of an unannotated input)."""
+    queries: dict[str, Query] = {}
     for q in read_queries(dataset, strict=True, **read_args):
-        gt = load_ground_truth(q)
-        if gt is None:
+        if not has_ground_truth(q):
             raise DatasetError(f"query {q.query_id} in {dataset} has no ground truth (gt_json or gt_mask)")
-        scores.append(score_query(predictions.get(q.query_id), gt, q.category, q.query_id, k=k,
-                                  instances=ground_truth_instances(q, gt)))  # fmt: skip
-    if not scores:
+        queries[q.query_id] = q
+    if not queries:
         raise DatasetError(f"{dataset}: no queries")
+
+    def score(q: Query, pred: Prediction | None) -> QueryScore:
+        gt = load_ground_truth(q)
+        return score_query(pred, gt, q.category, q.query_id, k=k, instances=ground_truth_instances(q, gt))
+
+    scored: dict[str, QueryScore] = {}
+    for p in iter_predictions(predictions):
+        if p.query_id in queries:  # a resumed run never duplicates ids; if a file did, the last row wins
+            scored[p.query_id] = score(queries[p.query_id], p)
+    scores = [scored.get(qid) or score(q, None) for qid, q in queries.items()]
     return aggregate(scores, k=k), scores
 
 

@@ -446,7 +446,7 @@ def count_queries(images, max_messages: int = 5) -> dict:
     out = {"queries": 0, "images": 0, "done": 0, "invalid": 0, "messages": [], "torn": []}
     blocks = images.map_batches(_count_block, batch_format="pyarrow", batch_size=None,
                                 fn_kwargs={"max_messages": max_messages})  # fmt: skip
-    for r in blocks.take_all():
+    for r in blocks.iter_rows():  # streamed: one small row per block
         for k in ("images", "done", "invalid"):
             out[k] += r[k]
         out["queries"] += r["todo"] + r["done"] + r["invalid"]

@@ -164,7 +164,9 @@ def _examples(
 
 def build_scoring_data(cfg) -> dict:
     """Run the Ray Data job for ``MakeScoringDataConfig``; returns counts."""
+    import pyarrow.compute as pc
     import pyarrow.dataset as pads
+    import ray
 
     from .. import storage
     from ..config import VLLMConfig
@@ -191,15 +193,16 @@ def build_scoring_data(cfg) -> dict:
     if not storage.is_remote(cfg.output):
         fs.create_dir(path, recursive=True)
     ds.write_parquet(path, filesystem=fs)
-    # Counted from the written examples' two small columns (ids and labels: not the masks).
+    # Counted from the written examples' two small columns (labels and ids: not the masks), streaming: the driver
+    # holds one batch of labels at a time, and the distinct query ids are counted by a Ray Data group-by, not in a
+    # set here (ten million queries would not fit).
     counts = {"examples": 0, "yes": 0, "no": 0}
-    queries_with: set[str] = set()
-    for b in pads.dataset(path, filesystem=fs, format="parquet").to_batches(columns=["label", "query_id"]):
-        labels = b.column("label").to_pylist()
+    for b in pads.dataset(path, filesystem=fs, format="parquet").to_batches(columns=["label"]):
+        labels = b.column("label")
         counts["examples"] += len(labels)
-        counts["yes"] += labels.count("Yes")
-        counts["no"] += labels.count("No")
-        queries_with.update(b.column("query_id").to_pylist())
-    counts["queries_with_examples"] = len(queries_with)
+        counts["yes"] += pc.sum(pc.equal(labels, "Yes")).as_py() or 0
+        counts["no"] += pc.sum(pc.equal(labels, "No")).as_py() or 0
+    ids = ray.data.read_parquet(path, filesystem=fs, columns=["query_id"], file_extensions=["parquet"])
+    counts["queries_with_examples"] = ids.groupby("query_id").count().count() if counts["examples"] else 0
     counts["queries"] = count_queries(image_dataset(cfg, spec, None))["queries"]
     return counts

@@ -63,3 +63,46 @@ def test_missing_prediction_counts_as_failure_and_size_mismatch_is_clear():
     assert score_query(None, gt, "c", "q", k=3).iu["top1"] == (0, 4)
     with pytest.raises(ValueError, match="original image size"):
         score_query(_pred("q", [np.ones((5, 4), bool)]), gt, "c", "q")
+
+
+def test_evaluation_streams_predictions_and_keeps_the_datasets_order(tmp_path):
+    """Predictions are read file by file: a query predicted in a later file, one predicted twice (the last row
+    wins), one never predicted (IoU 0) and a prediction for a query outside the dataset (ignored)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rea2seg_ray.eval.report import evaluate_predictions
+    from rea2seg_ray.records import PREDICTIONS_SCHEMA
+
+    gt = _box(10, 10, 0, 4, 0, 4)
+    half = _box(10, 10, 0, 2, 0, 4)
+    lines = [{"query_id": q, "image": "x.png", "question": "?", "category": "a", "gt_mask": encode_rle(gt)}
+             for q in ("q1", "q2", "q3")]  # fmt: skip
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    preds = tmp_path / "predictions"
+    preds.mkdir()
+
+    def write(name, rows):
+        pq.write_table(
+            pa.Table.from_pylist([r.to_row() for r in rows], schema=PREDICTIONS_SCHEMA), preds / name
+        )
+
+    write("a.parquet", [_pred("q3", [half]), _pred("q1", [half]), _pred("other", [gt])])
+    write("b.parquet", [_pred("q1", [gt])])  # q1 again: this row wins
+    metrics, scores = evaluate_predictions(str(preds), str(tmp_path / "data.jsonl"), k=3)
+    assert [(s.query_id, s.iou("top1"), s.ok) for s in scores] == [("q1", 1.0, True), ("q2", 0.0, False),
+                                                                   ("q3", 0.5, True)]  # fmt: skip
+    assert metrics["n"] == 3 and metrics["n_error"] == 1 and metrics["top1"]["giou"] == pytest.approx(0.5)
+
+
+def test_an_input_without_ground_truth_is_refused_before_any_prediction_is_read(tmp_path):
+    """The segmentation job evaluates by default: on ten million unannotated images it must stop at the first
+    query, not read the whole output first (here the predictions do not even exist)."""
+    from rea2seg_ray.datasets import DatasetError
+    from rea2seg_ray.eval.report import evaluate_predictions
+
+    (tmp_path / "data.jsonl").write_text('{"query_id": "q1", "image": "x.png", "question": "?"}\n')
+    with pytest.raises(DatasetError, match="q1 .* has no ground truth"):
+        evaluate_predictions(str(tmp_path / "missing"), str(tmp_path / "data.jsonl"))
