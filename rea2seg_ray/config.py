@@ -188,6 +188,8 @@ class ScoringConfig:
     # With candidate_facts and reasoning: reason twice. The first round's reasoning names each candidate ("The
     # highlighted region is the red star."); the second round's facts add whose closest candidate each one is
     # ("It is the closest to the red star."), then the scorer reasons and answers again. Twice the generation.
+    # Fine-tuning with it trains reasoning that ends by restating the relation ("It is the object closest to the red
+    # star."; prompts.reasoning_with_relations), so serve with max_reasoning_tokens room for that sentence.
     facts_relations: bool = False
     # The image is resized once, then every candidate is drawn on that copy. 0: at the scorer's own input size
     # (Qwen2-VL smart_resize with the model's min/max pixels), so outlines stay visible; >0: longer side in px.
@@ -361,7 +363,9 @@ class MakeScoringDataConfig:
     limit: int = 0
     pos_iou: float = 0.7  # IoU >= pos_iou: "Yes"
     neg_iou: float = 0.3  # IoU <= neg_iou: "No"; in between: dropped as ambiguous
-    max_neg_per_pos: float = 1.0  # per query, at most this many negatives per positive (0: keep all)
+    # per query, at most this many negatives per positive (0: keep all): the highest-IoU ones, then those the question
+    # names (a described candidate whose name it contains), random among the rest
+    max_neg_per_pos: float = 1.0
     keep_without_positive: bool = (
         True  # queries whose candidates are all negative keep up to max(1, ...) negatives
     )
