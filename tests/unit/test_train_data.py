@@ -175,3 +175,23 @@ def test_each_instance_of_a_multi_object_answer_is_a_yes():
     assert {r["example_id"]: (r["label"], r["iou"]) for r in out} == {
         "m1#0": ("Yes", 1.0), "m1#1": ("Yes", 1.0), "m1#2": ("No", 0.0)}  # fmt: skip
     assert out[0]["conversation"] == conv
+
+
+def test_the_negative_a_question_names_is_kept():
+    """'closest to the red star': of the wrong candidates (all IoU 0) the red star is the one kept, so the scorer
+    learns that the named object is not the answer."""
+    from rea2seg_ray.masks import encode_rle
+    from rea2seg_ray.records import Query
+
+    h, w = 40, 60
+    masks = [np.zeros((h, w), bool) for _ in range(4)]
+    for m, x in zip(masks, (2, 16, 30, 44), strict=True):
+        m[10:20, x : x + 10] = True
+    for qid in ("q1", "q2", "q3", "q4", "q5", "q6"):  # the random tie-break is seeded by the query id
+        q = Query(
+            qid, "img.png", "First find the red star; then segment the object closest to it.",
+            gt_mask=encode_rle(masks[1]), candidates=[encode_rle(m) for m in masks],
+            meta={"candidate_descriptions": ["blue circle", "green square", "white bar", "red star"]},
+        )  # fmt: skip
+        out = label_scene(q, masks, max_neg_per_pos=1)
+        assert [(r["example_id"], r["label"]) for r in out] == [(f"{qid}#1", "Yes"), (f"{qid}#3", "No")]
