@@ -31,7 +31,7 @@ demo: tiny-models
 	@echo "demo: the tiny models are random-init, so these numbers say nothing of quality; see the run in" \
 	  "outputs/segment/gallery/index.html, and 'make proving-ground' for a scorer that learns."
 
-# Train a tiny scorer from scratch (20 min of training, ~26 min in all on 2 CPU cores), serve it in the segmentation job, compare with the
+# Train a tiny scorer from scratch (20 min of training, ~28 min in all on 2 CPU cores), serve it in the segmentation job, compare with the
 # untrained scorer on held-out scenes: outputs/proving-ground/summary.md (README "Proving ground").
 proving-ground: tiny-models
 	rm -rf outputs/proving-ground
