@@ -12,28 +12,22 @@ import pyarrow.parquet as pq
 
 from .. import storage
 from ..datasets import DatasetError, ground_truth_instances, has_ground_truth, load_ground_truth, read_queries
+from ..datasets.shards import predictions_files, scheme_of
 from ..records import Prediction, Query
 from .metrics import QueryScore, aggregate, score_query
 
 CATEGORY_ORDER = ["short", "long", "discriminative", "geometric", "spatial", "multi-step"]
 
 
-def prediction_files(uri: str) -> list[str]:
-    """Predictions Parquet (a file, or a folder/prefix of *.parquet parts) -> its files."""
-    if storage.is_dir(uri):
-        files = [f for f in storage.list_files(uri, recursive=True) if f.endswith(".parquet")]
-        if not files:
-            raise FileNotFoundError(f"{uri}: no *.parquet files")
-        return files
-    if storage.exists(uri):
-        return [uri]
-    raise FileNotFoundError(f"predictions not found: {uri}")
-
-
 def iter_predictions(uri: str, batch_rows: int = 256) -> Iterator[Prediction]:
-    """Every prediction row of ``uri``, one file and ``batch_rows`` rows at a time (never the whole output)."""
-    for f in prediction_files(uri):
-        for batch in pq.ParquetFile(io.BytesIO(storage.read_bytes(f))).iter_batches(batch_size=batch_rows):
+    """Every prediction row under ``uri`` (a file, or a folder/prefix of *.parquet parts), one file and
+    ``batch_rows`` rows at a time (never the whole output); each file read with its own schema."""
+    files = predictions_files(uri)
+    if not files:
+        raise FileNotFoundError(f"predictions not found: {uri} (no *.parquet)")
+    for info in files:
+        data = storage.read_bytes(scheme_of(uri) + info.path)
+        for batch in pq.ParquetFile(io.BytesIO(data)).iter_batches(batch_size=batch_rows):
             for row in batch.to_pylist():
                 yield Prediction.from_row(row)
 
